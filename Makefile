@@ -1,0 +1,39 @@
+# radtriage: `make run` starts the whole system, `make test` runs the test suite.
+# Both set up everything first: Debian packages when missing, then .venv.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+APT_PACKAGES := dcmtk dicom3tools orthanc chromium chromium-driver
+CONFIG ?= config/default.toml
+PYTEST_ARGS ?=
+
+.PHONY: run test bench setup apt data clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, from the CPU wheel; the constraints file keeps it pinned afterwards
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+apt:
+	@scripts/ensure-apt.sh $(APT_PACKAGES)
+
+setup: apt $(STAMP)
+
+data: setup
+	$(BIN)/python scripts/fetch_data.py
+
+run: setup
+	$(BIN)/radtriage --config $(CONFIG) serve
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/time_to_triage.py
+
+clean:
+	rm -rf $(VENV) var .cache

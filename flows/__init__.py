@@ -1,0 +1,1 @@
+"""Prefect flows and deployments for radtriage (thin wiring over :mod:`pipeline`)."""

@@ -1,0 +1,189 @@
+"""Typed settings from a TOML file, overridable per key by environment variables.
+
+The file is ``--config FILE`` or ``$RADTRIAGE_CONFIG`` (default ``config/default.toml``
+when it exists). Every key can be overridden as ``RADTRIAGE_<SECTION>__<KEY>``, e.g.
+``RADTRIAGE_DICOM__PORT=11113`` or
+``RADTRIAGE_FORWARD__DESTINATIONS='[{"ae_title": "ORTHANC", ...}]'``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from pipeline.errors import ConfigError
+
+DEFAULT_CONFIG = Path("config/default.toml")
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSSettings(_Section):
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = True
+
+
+class DicomSettings(_Section):
+    ae_title: str = "RADTRIAGE"
+    bind: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_aes: list[str] = Field(default_factory=lambda: ["STORESCU", "ECHOSCU", "FINDSCU", "MOVESCU", "GETSCU", "RADTRIAGE"])
+    max_pdu_size: int = Field(4_194_304, ge=0)
+    network_timeout_seconds: float = Field(60.0, gt=0)
+    # Known peers for C-MOVE destinations: AE title -> "host:port"
+    peers: dict[str, str] = Field(default_factory=dict)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+
+    _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
+
+    @field_validator("allowed_aes")
+    @classmethod
+    def _allowed(cls, value: list[str]) -> list[str]:
+        return [v if v == "*" else _check_ae_title(v) for v in value]
+
+    @property
+    def open_to_all(self) -> bool:
+        return "*" in self.allowed_aes
+
+
+class StorageSettings(_Section):
+    data_dir: Path = Path("var/data")
+    fsync: bool = True
+
+
+class IndexSettings(_Section):
+    # Empty means SQLite in <data_dir>/index.sqlite; a postgresql+psycopg:// URL for scale-out.
+    url: str = ""
+
+
+class TriageSettings(_Section):
+    stable_age_seconds: float = Field(10.0, ge=0)
+    sweep_interval_seconds: float = Field(1.0, gt=0)
+
+
+class ModelSettings(_Section):
+    dir: Path = Path("models")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ResultSettings(_Section):
+    manufacturer: str = "radtriage"
+    seg_series_number: int = Field(9001, ge=1)
+    sr_series_number: int = Field(9002, ge=1)
+    seg_series_description: str = "AI segmentation"
+    sr_series_description: str = "AI findings"
+
+
+class ForwardDestination(_Section):
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    kinds: list[Literal["SEG", "SR"]] = Field(default_factory=lambda: ["SEG", "SR"])
+
+    _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
+
+
+class ForwardSettings(_Section):
+    destinations: list[ForwardDestination] = Field(default_factory=list)
+    max_attempts: int = Field(8, ge=1)
+    backoff_seconds: float = Field(5.0, gt=0)
+    backoff_max_seconds: float = Field(600.0, gt=0)
+
+
+class WebSettings(_Section):
+    bind: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    secret_key: str = ""  # empty: generated once and kept in <data_dir>/web_secret
+    login_max_failures: int = Field(5, ge=1)
+    login_lockout_seconds: float = Field(300.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """All radtriage settings. Build with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RADTRIAGE_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    triage: TriageSettings = Field(default_factory=TriageSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    results: ResultSettings = Field(default_factory=ResultSettings)
+    forward: ForwardSettings = Field(default_factory=ForwardSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+
+    @property
+    def index_url(self) -> str:
+        if self.index.url:
+            return self.index.url
+        return f"sqlite:///{(self.storage.data_dir / 'index.sqlite').resolve()}"
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(root)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"invalid config {source}: {key}: {first['msg']}{more}"
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Load settings from ``path`` (or ``$RADTRIAGE_CONFIG``, or the default file).
+
+    Raises
+    ------
+    ConfigError
+        With one line naming the key and the problem.
+    """
+    chosen = path or os.environ.get("RADTRIAGE_CONFIG")
+    if chosen is None and DEFAULT_CONFIG.exists():
+        chosen = DEFAULT_CONFIG
+    toml_path = Path(chosen) if chosen else None
+    if toml_path is not None and not toml_path.is_file():
+        raise ConfigError(f"config file {toml_path} does not exist: pass --config FILE or set RADTRIAGE_CONFIG")
+
+    class _FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if toml_path is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+            return tuple(sources)
+
+    try:
+        loaded = _FileSettings()
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, str(toml_path) if toml_path else "(environment)")) from None
+    except ValueError as err:  # TOML syntax errors
+        raise ConfigError(f"invalid config {toml_path}: {err}") from None
+    return Settings.model_validate(loaded.model_dump())
