@@ -94,6 +94,9 @@ class ResultSettings(_Section):
     sr_series_number: int = Field(9002, ge=1)
     seg_series_description: str = "AI segmentation"
     sr_series_description: str = "AI findings"
+    # Device Serial Number of the writer (type 1 in SEG's Enhanced General Equipment).
+    device_serial_number: str = Field("1", min_length=1, max_length=64)
+    institution_name: str = ""
 
 
 class ForwardDestination(_Section):
