@@ -1,0 +1,40 @@
+"""The ``triage-study`` deployment and the inference concurrency limit.
+
+``radtriage serve`` (and ``radtriage worker``) register them at start; ``prefect.yaml``
+defines the same deployment for a Prefect work pool on other machines.
+"""
+
+from __future__ import annotations
+
+import logging
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.exceptions import ObjectAlreadyExists
+
+from flows.triage import inference_limit_name, triage_study
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT_NAME = "triage-study"
+FLOW_NAME = "triage-study"
+
+
+def register_deployment() -> UUID:
+    """Create or update the ``triage-study/triage-study`` deployment; return its id."""
+    deployment = triage_study.to_deployment(name=DEPLOYMENT_NAME, tags=["radtriage"])
+    deployment_id = deployment.apply()
+    log.info("registered Prefect deployment %s/%s (%s)", FLOW_NAME, DEPLOYMENT_NAME, deployment_id)
+    return deployment_id
+
+
+def ensure_inference_limit(slots: int = 1) -> str:
+    """Create (or resize) this worker's inference concurrency limit; return its name."""
+    name = inference_limit_name()
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+        except ObjectAlreadyExists:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=slots))
+    return name

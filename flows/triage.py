@@ -1,0 +1,106 @@
+"""Prefect flow ``triage-study``: from a stable study to SEG + SR, forwards and worklist.
+
+Thin wiring over :mod:`pipeline.analysis`. Tasks pass UIDs and paths. Only
+:class:`~pipeline.errors.TransientError` is retried (archive busy, GPU out of memory);
+anything else a model raises is permanent for that study and shown on the worklist.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, runtime, task
+from prefect.concurrency.sync import concurrency
+from prefect.tasks import exponential_backoff
+
+from pipeline import analysis
+from pipeline.errors import TransientError
+from pipeline.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+
+def inference_limit_name() -> str:
+    """The Prefect global concurrency limit that guards model inference on this worker."""
+    return os.environ.get("RADTRIAGE_INFERENCE_LIMIT", f"radtriage-inference-{socket.gethostname()}")
+
+
+def _only_transient(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except TransientError:
+        return True
+    except Exception:  # noqa: BLE001 - any other failure is permanent: do not retry
+        return False
+    return False
+
+
+_RETRIES: dict[str, Any] = dict(
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.2,
+    retry_condition_fn=_only_transient,
+)
+
+
+@task(name="begin-run", **_RETRIES)
+def begin_run(study_uid: str, revision: int) -> None:
+    analysis.begin_run(get_runtime(), study_uid, revision, str(runtime.flow_run.id or ""))
+
+
+@task(name="plan-models", **_RETRIES)
+def plan_models(study_uid: str) -> list[dict[str, str]]:
+    return [p.__dict__ for p in analysis.plan_models(get_runtime(), study_uid)]
+
+
+@task(name="run-inference", **_RETRIES)
+def run_inference(study_uid: str, revision: int, model_name: str, series_uid: str) -> tuple[str, dict[str, float]]:
+    # The model step alone holds the scarce resource (GPU or CPU cores, model memory).
+    with concurrency(inference_limit_name(), occupy=1):
+        path, timings = analysis.run_inference(get_runtime(), study_uid, revision, model_name, series_uid)
+    return str(path), timings
+
+
+@task(name="store-results", **_RETRIES)
+def store_results(study_uid: str, revision: int, result_path: str) -> dict[str, Any]:
+    return analysis.store_results(get_runtime(), study_uid, revision, Path(result_path))
+
+
+@task(name="record-failure", **_RETRIES)
+def record_failure(study_uid: str, revision: int, model_name: str, model_version: str, error: str) -> None:
+    analysis.record_failure(get_runtime(), study_uid, revision, model_name, model_version, error)
+
+
+@task(name="finish-run", **_RETRIES)
+def finish_run(study_uid: str, revision: int, timings: dict[str, float]) -> dict[str, Any]:
+    return analysis.finish_run(get_runtime(), study_uid, revision, timings)
+
+
+@flow(name="triage-study", log_prints=False)
+def triage_study(study_uid: str, revision: int = 1) -> dict[str, Any]:
+    """Analyse one study revision with every model that applies to it."""
+    logger = get_run_logger()
+    begin_run(study_uid, revision)
+    timings: dict[str, float] = {}
+    try:
+        planned_models = plan_models(study_uid)
+    except Exception as err:  # noqa: BLE001 - e.g. the model registry cannot be read
+        logger.error("cannot plan models for study %s: %s", study_uid, err)
+        record_failure(study_uid, revision, "radtriage", "-", f"{type(err).__name__}: {err}")
+        planned_models = []
+    for planned in planned_models:
+        name, version = planned["model_name"], planned["model_version"]
+        try:
+            path, step_timings = run_inference(study_uid, revision, name, planned["series_instance_uid"])
+            stored = store_results(study_uid, revision, path)
+        except Exception as err:  # noqa: BLE001 - a model failure must not hide the study
+            logger.error("model %s %s failed on study %s: %s", name, version, study_uid, err)
+            record_failure(study_uid, revision, name, version, f"{type(err).__name__}: {err}")
+            continue
+        for key, seconds in [*step_timings.items(), *stored["timings"].items()]:
+            timings[key] = timings.get(key, 0.0) + seconds
+    return finish_run(study_uid, revision, timings)

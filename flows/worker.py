@@ -1,0 +1,108 @@
+"""Run ``triage-study`` flow runs inside this process, with models kept in memory.
+
+Prefect's own runner starts a fresh Python process per flow run, which would re-import
+torch and reload every model for every study (seconds each). This worker claims the
+deployment's scheduled runs through the Prefect API (the Pending transition, which
+only one claimant wins, so several workers can share a deployment) and runs them in a
+small thread pool here. It is what ``radtriage serve`` and ``radtriage worker`` start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.exceptions import Abort
+from prefect.flow_engine import run_flow
+from prefect.states import Pending
+from prefect.utilities.engine import propose_state_sync
+
+from flows.triage import triage_study
+
+log = logging.getLogger(__name__)
+
+
+class InProcessWorker:
+    """Poll one deployment for scheduled runs and execute them in threads.
+
+    Parameters
+    ----------
+    deployment_id
+        The ``triage-study`` deployment (from :func:`flows.deployment.register_deployment`).
+    max_parallel
+        Flow runs executed at once; inference inside them is further limited by the
+        Prefect concurrency limit.
+    poll_interval
+        Seconds between polls when not woken by :meth:`wake`.
+    """
+
+    def __init__(self, deployment_id: UUID, *, max_parallel: int = 2, poll_interval: float = 2.0) -> None:
+        self.deployment_id = deployment_id
+        self.max_parallel = max_parallel
+        self.poll_interval = poll_interval
+        self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="triage-flow")
+        self._running: dict[UUID, Future[object]] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="triage-worker", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Poll now (the dispatcher calls this after creating a flow run)."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - API down: log and poll again later
+                log.warning("cannot poll Prefect for triage runs; retrying", exc_info=log.isEnabledFor(logging.DEBUG))
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+
+    def poll_once(self) -> int:
+        """Claim and start the scheduled runs that fit in the free slots; return how many."""
+        self._running = {k: f for k, f in self._running.items() if not f.done()}
+        free = self.max_parallel - len(self._running)
+        if free <= 0:
+            return 0
+        started = 0
+        with get_client(sync_client=True) as client:
+            runs = client.get_scheduled_flow_runs_for_deployments(
+                [self.deployment_id], scheduled_before=datetime.now(timezone.utc), limit=free
+            )
+            for flow_run in runs:
+                if flow_run.id in self._running:
+                    continue
+                try:
+                    state = propose_state_sync(client, Pending(), flow_run_id=flow_run.id)
+                except Abort:
+                    continue  # another worker claimed it
+                if not state.is_pending():
+                    continue
+                log.info("running flow run %s for %s", flow_run.name, flow_run.parameters)
+                self._running[flow_run.id] = self._pool.submit(self._execute, flow_run)
+                started += 1
+        return started
+
+    @staticmethod
+    def _execute(flow_run: object) -> object:
+        try:
+            return run_flow(triage_study, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
+        except BaseException:  # noqa: BLE001 - keep the worker alive; the engine recorded the state
+            log.exception("flow run %s crashed", getattr(flow_run, "name", flow_run))
+            return None

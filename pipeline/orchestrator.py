@@ -1,0 +1,121 @@
+"""An embedded Prefect API server for one-machine installs.
+
+``radtriage serve`` starts one when ``PREFECT_API_URL`` is not set, so that a fresh
+machine needs nothing but ``make run``. It runs ``prefect server start`` as a child
+process (SQLite under ``<data_dir>/prefect``); this module does not import Prefect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pipeline.errors import RadtriageError
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def api_is_healthy(api_url: str, timeout: float = 2.0) -> bool:
+    """True when the Prefect API at ``api_url`` answers its health check."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return False
+
+
+class LocalPrefectServer:
+    """A Prefect API server in a child process, bound to 127.0.0.1.
+
+    Parameters
+    ----------
+    home
+        ``PREFECT_HOME`` for the server: its SQLite database and logs live here.
+    port
+        TCP port; a free one when omitted.
+    ui
+        Serve the Prefect UI too (useful for ``make run``, not for tests).
+    """
+
+    def __init__(self, home: Path, port: int | None = None, *, ui: bool = True) -> None:
+        self.home = Path(home)
+        self.port = port or free_port()
+        self.ui = ui
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self, timeout: float = 90.0) -> str:
+        """Start the server and wait until its API is healthy; return the API URL."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
+        if prefect is None:
+            raise RadtriageError("the `prefect` command is not installed: run `make run` to set up .venv")
+        env = dict(os.environ)
+        env.pop("PREFECT_API_URL", None)
+        env.update(
+            PREFECT_HOME=str(self.home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_UI_ENABLED="true" if self.ui else "false",
+            PREFECT_SERVER_API_HOST="127.0.0.1",
+            PREFECT_SERVER_API_PORT=str(self.port),
+            PREFECT_LOGGING_LEVEL="WARNING",
+        )
+        log_file = open(self.home / "server.log", "ab")  # noqa: SIM115 - kept open for the child
+        self._process = subprocess.Popen(
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log_file.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RadtriageError(
+                    f"the embedded Prefect server exited with code {self._process.returncode}; "
+                    f"see {self.home / 'server.log'}"
+                )
+            if api_is_healthy(self.api_url, timeout=1.0):
+                log.info("embedded Prefect server ready at %s", self.api_url)
+                return self.api_url
+            time.sleep(0.3)
+        self.stop()
+        raise RadtriageError(f"the embedded Prefect server did not start within {timeout:.0f} s; see {self.home / 'server.log'}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout``)."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+    def __enter__(self) -> "LocalPrefectServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

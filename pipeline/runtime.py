@@ -1,0 +1,71 @@
+"""The process-wide objects a flow run needs: settings, index, archive, model registry.
+
+Flow runs execute inside ``radtriage serve`` (or ``radtriage worker`` on another
+machine); they find what they need here instead of receiving it as parameters, so that
+Prefect passes only UIDs. ``radtriage serve`` installs its own runtime with
+:func:`set_runtime`; elsewhere it is built lazily from ``$RADTRIAGE_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.config import Settings, load_settings
+from pipeline.index.db import create_index_engine, migrate
+
+if TYPE_CHECKING:
+    from pipeline.archive import Archive
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    archive: Archive
+    _registry: Any = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, run_migrations: bool = True) -> Runtime:
+        from pipeline.archive import Archive
+
+        if run_migrations:
+            migrate(settings.index_url)
+        engine = create_index_engine(settings.index_url)
+        archive = Archive(settings, engine=engine)
+        return cls(settings=settings, engine=engine, session_factory=archive.session_factory, archive=archive)
+
+    @property
+    def registry(self) -> Any:
+        """The model registry, discovered once per process (models stay loaded)."""
+        with self._lock:
+            if self._registry is None:
+                from pipeline.zoo.registry import load_registry
+
+                self._registry = load_registry(self.settings.models.dir)
+            return self._registry
+
+
+_current: Runtime | None = None
+_current_lock = threading.Lock()
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    global _current
+    with _current_lock:
+        _current = runtime
+
+
+def get_runtime() -> Runtime:
+    """The runtime of this process, built from ``$RADTRIAGE_CONFIG`` on first use."""
+    global _current
+    with _current_lock:
+        if _current is None:
+            _current = Runtime.from_settings(load_settings())
+        return _current
