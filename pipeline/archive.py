@@ -1,0 +1,334 @@
+"""The archive: DICOM files under ``storage.data_dir`` plus their index rows.
+
+Every store takes the same durable path: write to a temp file in the target folder,
+fsync, rename to ``files/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``,
+fsync the folder, then commit the index row. Only after that does a caller (the C-STORE
+handler) answer Success. After a crash, :meth:`Archive.recover` deletes temp files and
+indexes files that were renamed but not yet indexed, so no partial or orphan file stays.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import threading
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.config import Settings
+from pipeline.errors import PermanentError, TransientError
+from pipeline.header import InstanceHeader, header_from_dataset, parse_encoded
+from pipeline.index.db import create_index_engine, make_session_factory, session_scope
+from pipeline.index.ingest import record_instance
+from pipeline.index.schema import Instance, Series, utcnow
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATION_CLASS_UID = "2.25.105938130551812983121404808708390189929"
+IMPLEMENTATION_VERSION_NAME = "RADTRIAGE_01"
+FILES_DIR = "files"
+TMP_SUFFIX = ".tmp"
+DERIVED_MARK = b"RADTRIAGE DERIVED"
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+class OutOfResourcesError(TransientError):
+    """The archive's disk (or the index's) is full: free space, then resend."""
+
+
+class NotInArchiveError(PermanentError):
+    """The requested object is not in the archive."""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """Where one instance lies. ``duplicate`` is true for a resend of a stored instance."""
+
+    SOPInstanceUID: str
+    SeriesInstanceUID: str
+    StudyInstanceUID: str
+    path: Path
+    size: int
+    duplicate: bool = False
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_dataset(ds: Dataset, transfer_syntax: str) -> bytes:
+    """Encode ``ds`` (without File Meta) in ``transfer_syntax``."""
+    buf = DicomBytesIO()
+    buf.is_implicit_VR = transfer_syntax == ImplicitVRLittleEndian
+    buf.is_little_endian = transfer_syntax != ExplicitVRBigEndian
+    write_dataset(buf, ds)
+    data = buf.getvalue()
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        packer = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+        data = packer.compress(data) + packer.flush()
+    return data
+
+
+def is_derived_file(meta: FileMetaDataset) -> bool:
+    """Whether a stored file's File Meta marks it as radtriage's own output."""
+    return (meta.get("PrivateInformationCreatorUID") == IMPLEMENTATION_CLASS_UID
+            and bytes(meta.get("PrivateInformation") or b"").rstrip(b"\x00 ") == DERIVED_MARK)
+
+
+def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                     source_ae: str | None = None, *, derived: bool = False) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information group for one instance.
+
+    Derived objects carry a private mark (PrivateInformationCreatorUID = our
+    implementation UID) so crash recovery can re-index them as derived.
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae
+    if derived:
+        meta.PrivateInformationCreatorUID = IMPLEMENTATION_CLASS_UID
+        meta.PrivateInformation = DERIVED_MARK
+    buf = io.BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+class Archive:
+    """Files and index of one radtriage installation.
+
+    Parameters
+    ----------
+    settings
+        Uses ``storage.data_dir``, ``storage.fsync`` and the index URL.
+    engine
+        An existing index engine to share; created from the settings when omitted.
+        The index must be migrated (:func:`pipeline.index.db.migrate`).
+    """
+
+    def __init__(self, settings: Settings, *, engine: Engine | None = None) -> None:
+        self.data_dir = settings.storage.data_dir.resolve()
+        self.fsync = settings.storage.fsync
+        self.engine = engine if engine is not None else create_index_engine(settings.index_url)
+        self.session_factory: sessionmaker[Session] = make_session_factory(self.engine)
+        self.files_dir = self.data_dir / FILES_DIR
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
+
+    # ---- public API -------------------------------------------------------------
+    def store_encoded(self, encoded: bytes | memoryview, *, transfer_syntax: str, sop_class_uid: str,
+                      sop_instance_uid: str, source_ae: str | None = None) -> StoredInstance:
+        """Store a dataset exactly as a sender encoded it (no File Meta, pixels untouched).
+
+        Raises
+        ------
+        pipeline.header.DatasetError, InvalidUIDError, SOPClassMismatchError
+            Bad input; nothing is written.
+        OutOfResourcesError
+            The disk or the index is full; nothing is kept.
+        """
+        ds = parse_encoded(encoded, transfer_syntax)
+        header = header_from_dataset(ds, expected_sop_class=sop_class_uid, expected_sop_instance=sop_instance_uid)
+        meta = encode_file_meta(header.SOPClassUID, header.SOPInstanceUID, transfer_syntax, source_ae)
+        return self._store(header, (meta, encoded), transfer_syntax, derived=False)
+
+    def store_dataset(self, ds: Dataset, *, derived: bool = False) -> StoredInstance:
+        """Store a pydicom dataset (e.g. an AI SEG or SR) through the same durable path.
+
+        The transfer syntax is ``ds.file_meta.TransferSyntaxUID`` when set, else
+        Explicit VR Little Endian. With ``derived=True`` the series is marked as
+        radtriage's own output, and the study keeps its state and ``last_received_at``
+        (storing results must not trigger another analysis).
+        """
+        meta_in = getattr(ds, "file_meta", None)
+        transfer_syntax = str(getattr(meta_in, "TransferSyntaxUID", "") or ExplicitVRLittleEndian)
+        header = header_from_dataset(ds)
+        encoded = encode_dataset(ds, transfer_syntax)
+        meta = encode_file_meta(header.SOPClassUID, header.SOPInstanceUID, transfer_syntax, derived=derived)
+        return self._store(header, (meta, encoded), transfer_syntax, derived=derived)
+
+    def path_of(self, sop_instance_uid: str) -> Path:
+        """Absolute path of the file holding ``sop_instance_uid``."""
+        with session_scope(self.session_factory, readonly=True) as session:
+            rel = session.scalar(select(Instance.path).where(Instance.SOPInstanceUID == sop_instance_uid))
+        if rel is None:
+            raise NotInArchiveError(f"SOP Instance {sop_instance_uid} is not in the archive")
+        return self.data_dir / rel
+
+    def series_files(self, series_uid: str) -> list[Path]:
+        """The files of one series, in InstanceNumber order (then SOP Instance UID)."""
+        with session_scope(self.session_factory, readonly=True) as session:
+            rows = session.execute(
+                select(Instance.path).join(Series).where(Series.SeriesInstanceUID == series_uid)
+                .order_by(Instance.InstanceNumber, Instance.SOPInstanceUID)).scalars().all()
+        return [self.data_dir / rel for rel in rows]
+
+    def relative_path(self, header: InstanceHeader) -> str:
+        """Where an instance lives, relative to ``data_dir`` (from validated UIDs only)."""
+        return f"{FILES_DIR}/{header.StudyInstanceUID}/{header.SeriesInstanceUID}/{header.SOPInstanceUID}.dcm"
+
+    # ---- the durable path ---------------------------------------------------------
+    def _existing(self, sop_instance_uid: str) -> str | None:
+        with session_scope(self.session_factory, readonly=True) as session:
+            return session.scalar(select(Instance.path).where(Instance.SOPInstanceUID == sop_instance_uid))
+
+    def _store(self, header: InstanceHeader, parts: tuple[bytes | memoryview, ...], transfer_syntax: str,
+               *, derived: bool) -> StoredInstance:
+        existing = self._existing(header.SOPInstanceUID)
+        if existing is not None and (self.data_dir / existing).exists():
+            log.info("SOP Instance %s already stored; resend acknowledged, not stored again", header.SOPInstanceUID)
+            return self._result(header, existing, duplicate=True)
+        rel = self.relative_path(header)
+        final = self.data_dir / rel
+        size = self._write_atomic(final, parts)
+        try:
+            duplicate = not self._index(header, rel, transfer_syntax, size, derived)
+        except BaseException:
+            # Not acknowledged, so not kept: no orphan file without an index row.
+            final.unlink(missing_ok=True)
+            raise
+        return self._result(header, rel, duplicate=duplicate, size=size)
+
+    def _result(self, header: InstanceHeader, rel: str, *, duplicate: bool, size: int | None = None) -> StoredInstance:
+        path = self.data_dir / rel
+        return StoredInstance(header.SOPInstanceUID, header.SeriesInstanceUID, header.StudyInstanceUID, path,
+                              size if size is not None else path.stat().st_size, duplicate)
+
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder in self._known_dirs:
+            return
+        with self._dirs_lock:
+            missing = []
+            probe = folder
+            while not probe.exists():
+                missing.append(probe)
+                probe = probe.parent
+            folder.mkdir(parents=True, exist_ok=True)
+            if self.fsync:
+                for created in reversed(missing):
+                    _fsync_dir(created.parent)
+            self._known_dirs.add(folder)
+
+    def _write_atomic(self, final: Path, parts: tuple[bytes | memoryview, ...]) -> int:
+        try:
+            self._ensure_dir(final.parent)
+            tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}{TMP_SUFFIX}"
+            size = 0
+            try:
+                with open(tmp, "xb") as fh:
+                    for part in parts:
+                        size += fh.write(part)
+                    fh.flush()
+                    if self.fsync:
+                        os.fsync(fh.fileno())
+                os.replace(tmp, final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            if self.fsync:
+                _fsync_dir(final.parent)
+            return size
+        except OSError as err:
+            if err.errno in _NO_SPACE:
+                raise OutOfResourcesError(f"archive disk full at {self.data_dir}: free space, then resend") from err
+            raise
+
+    def _index(self, header: InstanceHeader, rel: str, transfer_syntax: str, size: int, derived: bool) -> bool:
+        """Commit the index row; ``False`` if another store indexed the SOP Instance first."""
+        for attempt in range(3):
+            try:
+                with session_scope(self.session_factory) as session:
+                    added = record_instance(session, header, path=rel, transfer_syntax=transfer_syntax,
+                                            size=size, now=utcnow(), derived=derived)
+                return added is not None
+            except IntegrityError:
+                # A concurrent association created the same patient/study/series/instance.
+                if attempt == 2:
+                    raise
+                if self._existing(header.SOPInstanceUID) is not None:
+                    return False
+            except OperationalError as err:
+                if "full" in str(err.orig).lower():
+                    raise OutOfResourcesError(f"index database full: free space, then resend ({err.orig})") from err
+                raise
+        return False  # pragma: no cover - loop always returns or raises
+
+    # ---- crash recovery -----------------------------------------------------------
+    def recover(self) -> tuple[int, int]:
+        """Remove temp files and index renamed-but-unindexed files left by a crash.
+
+        Returns ``(temp files removed, files indexed)``. Cheap when nothing is amiss:
+        one directory listing and one count query per series folder.
+        """
+        removed = indexed = 0
+        for study_dir in _subdirs(self.files_dir):
+            for series_dir in _subdirs(study_dir):
+                names = []
+                for entry in os.scandir(series_dir):
+                    if entry.name.endswith(TMP_SUFFIX):
+                        os.unlink(entry.path)
+                        removed += 1
+                    elif entry.name.endswith(".dcm"):
+                        names.append(entry.name)
+                if not names:
+                    continue
+                with session_scope(self.session_factory, readonly=True) as session:
+                    known = set(session.execute(select(Instance.path).join(Series).where(
+                        Series.SeriesInstanceUID == series_dir.name)).scalars())
+                for name in names:
+                    rel = f"{FILES_DIR}/{study_dir.name}/{series_dir.name}/{name}"
+                    if rel not in known:
+                        indexed += self._recover_file(self.data_dir / rel, rel)
+        if removed or indexed:
+            log.warning("recovery: removed %d partial temp files, indexed %d unindexed files", removed, indexed)
+        return removed, indexed
+
+    def _recover_file(self, path: Path, rel: str) -> int:
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+            header = header_from_dataset(ds)
+            if self.relative_path(header) != rel:
+                raise PermanentError(f"file name does not match its UIDs ({self.relative_path(header)})")
+        except Exception as err:  # a file we cannot trust is moved aside, never deleted
+            aside = self.data_dir / "quarantine" / rel
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, aside)
+            log.error("recovery: %s is unreadable (%s); moved to %s", path, err, aside)
+            return 0
+        self._index(header, rel, str(ds.file_meta.TransferSyntaxUID), path.stat().st_size,
+                    derived=is_derived_file(ds.file_meta))
+        return 1
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [Path(e.path) for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]

@@ -1,0 +1,117 @@
+"""Engine, sessions and migrations for the index database.
+
+SQLite (the default, one machine) runs in WAL mode with a busy timeout and
+``synchronous=FULL``: a commit is on disk before the receiver answers Success. Write
+transactions start with ``BEGIN IMMEDIATE`` so two writers queue on the busy timeout
+instead of failing when one upgrades a read to a write. Nothing here emits
+SQLite-only SQL to the database a PostgreSQL URL names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+_READONLY = "radtriage_readonly"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite otherwise defers it).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    readonly = conn.get_execution_options().get(_READONLY, False)
+    conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+def create_index_engine(url: str, **kwargs: Any) -> Engine:
+    """Create the engine for the index at ``url``.
+
+    For SQLite the parent folder is created and the connection set up as described in
+    the module docstring; other databases get a pre-ping pool.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs.setdefault("connect_args", {}).setdefault("check_same_thread", False)
+        engine = create_engine(url, **kwargs)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(url, **kwargs)
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """A session factory whose sessions keep loaded objects usable after commit."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session] | Engine, *, readonly: bool = False) -> Iterator[Session]:
+    """One transaction: commit when the block ends, roll back if it raises.
+
+    Parameters
+    ----------
+    factory
+        A session factory from :func:`make_session_factory`, or an engine.
+    readonly
+        Start a plain (deferred) transaction: on SQLite it does not take the write lock,
+        so long reads (the worklist) never hold up the receiver. Do not write in it.
+    """
+    if isinstance(factory, Engine):
+        factory = make_session_factory(factory)
+    session = factory()
+    try:
+        if readonly:
+            session.connection(execution_options={_READONLY: True})
+        yield session
+        if readonly:
+            session.rollback()
+        else:
+            session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def alembic_config(url: str) -> Any:
+    """The Alembic :class:`~alembic.config.Config` for ``url`` (for ``alembic`` commands)."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the index at ``url`` to ``revision`` (Alembic upgrade; idempotent)."""
+    from alembic import command
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    log.debug("migrating index %s to %s", parsed.render_as_string(hide_password=True), revision)
+    command.upgrade(alembic_config(url), revision)

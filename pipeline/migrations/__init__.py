@@ -1,0 +1,1 @@
+"""Alembic migrations of the index (run by :func:`pipeline.index.db.migrate`)."""
