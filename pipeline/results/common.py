@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import math
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -40,8 +41,9 @@ def ordered_sources(source_images: Sequence[Dataset], result: ModelResult) -> li
     Raises
     ------
     PermanentError
-        When an image is missing, belongs to another series, or a mask does not have
-        one frame per source image of the source image size.
+        When an image is missing, belongs to another series or has no patient
+        geometry, a mask does not have one frame per source image of the source image
+        size, or a probability, volume or diameter is out of range.
     """
     if not result.source_sop_instance_uids:
         raise PermanentError(
@@ -64,8 +66,22 @@ def ordered_sources(source_images: Sequence[Dataset], result: ModelResult) -> li
             "the model read"
         )
     ordered = [by_uid[uid] for uid in result.source_sop_instance_uids]
+    if ordered[0].get("ImagePositionPatient") is None or ordered[0].get("ImageOrientationPatient") is None:
+        raise PermanentError(
+            f"source images of series {result.series_instance_uid} have no Image Position/Orientation "
+            "(Patient): results can only be written for cross-sectional single-frame series"
+        )
     shape = (len(ordered), int(ordered[0].Rows), int(ordered[0].Columns))
     for finding in result.findings:
+        values = {"probability": finding.probability, "volume_ml": finding.volume_ml,
+                  "max_diameter_mm": finding.max_diameter_mm}
+        bad = {k: v for k, v in values.items() if not math.isfinite(v) or v < 0}
+        if bad or finding.probability > 1:
+            raise PermanentError(
+                f"finding {finding.label!r} from model {result.model.name} has invalid values "
+                f"{bad or {'probability': finding.probability}}: probability must lie in [0, 1], "
+                "volume and diameter must be finite and >= 0"
+            )
         if finding.mask.shape != shape:
             raise PermanentError(
                 f"mask of finding {finding.label!r} from model {result.model.name} has shape "

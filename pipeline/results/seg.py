@@ -68,13 +68,15 @@ def _content_label(model_name: str) -> str:
     return label or "AI_RESULT"
 
 
-def _planes_to_write(stack: np.ndarray) -> tuple[list[int], bool]:
+def _planes_to_write(masks: list[np.ndarray]) -> tuple[list[int], bool]:
     """Source planes to encode and whether empty frames must be kept (see module doc)."""
-    per_plane = stack.any(axis=(1, 2, 3))
-    planes = [int(i) for i in np.flatnonzero(per_plane)]
+    # Per-mask reductions over contiguous (rows, columns) planes: ~10x faster than
+    # reducing a stacked (slices, rows, columns, segments) array.
+    per_mask = np.stack([m.any(axis=(1, 2)) for m in masks])  # (segments, slices)
+    planes = [int(i) for i in np.flatnonzero(per_mask.any(axis=0))]
     if not planes:
-        planes = [stack.shape[0] // 2]
-    any_segment_empty = not bool(stack.any(axis=(0, 1, 2)).all())
+        planes = [per_mask.shape[1] // 2]
+    any_segment_empty = not bool(per_mask.any(axis=1).all())
     return planes, any_segment_empty
 
 
@@ -135,8 +137,8 @@ def build_seg(
             )
         )
 
-    stack = np.stack([np.asarray(f.mask, dtype=bool) for f in result.findings], axis=-1)
-    planes, keep_empty = _planes_to_write(stack)
+    masks = [np.asarray(f.mask, dtype=bool) for f in result.findings]
+    planes, keep_empty = _planes_to_write(masks)
     plane_positions = [
         hd.PlanePositionSequence(
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
@@ -144,27 +146,32 @@ def build_seg(
         )
         for i in planes
     ]
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=stack[planes].astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=series_instance_uid,
-        series_number=settings.seg_series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=settings.manufacturer,
-        manufacturer_model_name=SOFTWARE_NAME,
-        software_versions=software_version(),
-        device_serial_number=settings.device_serial_number,
-        content_description=f"{result.model.name} {result.model.version}"[:64],
-        content_label=_content_label(result.model.name),
-        series_description=settings.seg_series_description,
-        institution_name=settings.institution_name or None,
-        plane_positions=plane_positions,
-        omit_empty_frames=not keep_empty,
-        contributing_equipment=[model_equipment(result.model, settings)],
-    )
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=np.stack([m[planes] for m in masks], axis=-1).astype(np.uint8),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=series_instance_uid,
+            series_number=settings.seg_series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=1,
+            manufacturer=settings.manufacturer,
+            manufacturer_model_name=SOFTWARE_NAME,
+            software_versions=software_version(),
+            device_serial_number=settings.device_serial_number,
+            content_description=f"{result.model.name} {result.model.version}"[:64],
+            content_label=_content_label(result.model.name),
+            series_description=settings.seg_series_description,
+            institution_name=settings.institution_name or None,
+            plane_positions=plane_positions,
+            omit_empty_frames=not keep_empty,
+            contributing_equipment=[model_equipment(result.model, settings)],
+        )
+    except ValueError as err:  # geometry highdicom cannot encode, e.g. irregular slices
+        raise PermanentError(
+            f"cannot build the SEG of model {result.model.name} for series {result.series_instance_uid}: {err}"
+        ) from err
     logger.info(
         "SEG %s: %d segment(s), %d frame(s) for series %s (model %s %s)",
         sop_instance_uid,

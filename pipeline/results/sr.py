@@ -55,41 +55,43 @@ def device_observer_uid(model: ModelIdentity) -> str:
     return str(generate_uid(entropy_srcs=[f"radtriage/device/{model.name}/{model.version}"]))
 
 
-def _segment_frames(seg: Dataset) -> dict[int, tuple[list[int], list[str]]]:
-    """Per segment number: its frame numbers and the source SOP Instance UIDs they derive from."""
-    frames: dict[int, tuple[list[int], list[str]]] = {}
+def _segment_sources(seg: Dataset) -> dict[int, list[str]]:
+    """Per segment number: the source SOP Instance UIDs its frames derive from, in frame order."""
+    sources: dict[int, list[str]] = {}
     shared = seg.SharedFunctionalGroupsSequence[0]
-    for frame_number, item in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+    for item in seg.PerFrameFunctionalGroupsSequence:
         # With a single segment highdicom moves Segment Identification to the shared groups.
         identification = item.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
         number = int(identification[0].ReferencedSegmentNumber)
-        numbers, uids = frames.setdefault(number, ([], []))
-        numbers.append(frame_number)
+        uids = sources.setdefault(number, [])
         for derivation in item.get("DerivationImageSequence", []):
             for source in derivation.get("SourceImageSequence", []):
                 uid = str(source.ReferencedSOPInstanceUID)
                 if uid not in uids:
                     uids.append(uid)
-    return frames
+    return sources
 
 
 def _measurement_group(
     number: int,
     finding: Finding,
     seg: Dataset,
-    frames: tuple[list[int], list[str]],
+    source_uids: list[str],
     sources_by_uid: dict[str, Dataset],
+    series_instance_uid: str,
     algorithm: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     segment = seg.SegmentSequence[number - 1]
-    _, source_uids = frames
+    source_uids = [uid for uid in source_uids if uid in sources_by_uid]
     referenced_segment = hd.sr.ReferencedSegment(
         sop_class_uid=seg.SOPClassUID,
         sop_instance_uid=seg.SOPInstanceUID,
         segment_number=number,
         # No frame numbers: the Image SOP Instance Reference Macro forbids Referenced
         # Frame Number next to Referenced Segment Number (dciodvfy error).
-        source_images=[hd.sr.SourceImageForSegmentation.from_source_image(sources_by_uid[uid]) for uid in source_uids],
+        source_images=[hd.sr.SourceImageForSegmentation.from_source_image(sources_by_uid[uid]) for uid in source_uids]
+        or None,
+        source_series=None if source_uids else hd.sr.SourceSeriesForSegmentation(series_instance_uid),
     )
     measurements = [
         hd.sr.Measurement(name=VOLUME, value=float(finding.volume_ml), unit=MILLILITER),
@@ -153,7 +155,7 @@ def build_sr(
             f"SEG {seg.get('SOPInstanceUID')} has segments {seg_labels}, the result has findings {labels}: "
             "build the SR from the SEG built for this result"
         )
-    frames = _segment_frames(seg)
+    segment_sources = _segment_sources(seg)
     sources_by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
 
     model = result.model
@@ -169,7 +171,15 @@ def build_sr(
         ),
     )
     groups = [
-        _measurement_group(number, finding, seg, frames.get(number, ([], [])), sources_by_uid, algorithm)
+        _measurement_group(
+            number,
+            finding,
+            seg,
+            segment_sources.get(number, []),
+            sources_by_uid,
+            result.series_instance_uid,
+            algorithm,
+        )
         for number, finding in enumerate(result.findings, start=1)
     ]
     procedure = coded(procedure_reported) if procedure_reported else _PROCEDURES.get(
@@ -180,22 +190,27 @@ def build_sr(
         procedure_reported=procedure,
         imaging_measurements=groups,
     )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[*sources, seg],
-        content=report[0],
-        series_instance_uid=series_instance_uid,
-        series_number=settings.sr_series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=settings.manufacturer,
-        institution_name=settings.institution_name or None,
-        series_description=settings.sr_series_description,
-        # Machine output nobody has signed: complete, but unverified and preliminary.
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        contributing_equipment=[model_equipment(model, settings)],
-    )
+    try:
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=[*sources, seg],
+            content=report[0],
+            series_instance_uid=series_instance_uid,
+            series_number=settings.sr_series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=1,
+            manufacturer=settings.manufacturer,
+            institution_name=settings.institution_name or None,
+            series_description=settings.sr_series_description,
+            # Machine output nobody has signed: complete, but unverified and preliminary.
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            contributing_equipment=[model_equipment(model, settings)],
+        )
+    except ValueError as err:
+        raise PermanentError(
+            f"cannot build the SR of model {model.name} for series {result.series_instance_uid}: {err}"
+        ) from err
     logger.info(
         "SR %s: %d measurement group(s) for series %s (model %s %s), SEG %s",
         sop_instance_uid,

@@ -163,3 +163,11 @@ def test_bad_results_are_refused_with_a_clear_error(ct_series: Series, ct_header
     )
     with pytest.raises(PermanentError, match="duplicate"):
         build_seg(ct_headers, twice, settings, **kwargs)
+
+
+@pytest.mark.parametrize(("probability", "volume"), [(1.5, 0.0), (-0.1, 0.0), (0.5, float("nan")), (0.5, -1.0)])
+def test_out_of_range_values_are_refused(ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, probability: float, volume: float) -> None:
+    bad = finding("hemorrhage", HEMORRHAGE, empty_mask(), probability, False, 0.0)
+    bad.volume_ml = volume
+    with pytest.raises(PermanentError, match="invalid values"):
+        build_seg(ct_headers, result_with(ct_series, bad), settings, series_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.5")
