@@ -1,0 +1,25 @@
+"""Forwarding AI results to archive nodes: a durable, retried C-STORE queue.
+
+``enqueue_forwards`` queues an archived object for the destinations that subscribe to
+its kind; the :class:`Forwarder` (a ``radtriage serve`` component) delivers due jobs,
+one association per destination per round, with exponential backoff and a dead state
+after ``forward.max_attempts``. ``radtriage forwards`` shows the queue.
+"""
+
+from pipeline.forward.queue import KINDS, JobInfo, Outcome, Target, backoff_delay, enqueue_forwards, list_jobs, retry_now
+from pipeline.forward.service import ArchiveLike, Forwarder, RoundResult, deliver_due
+
+__all__ = [
+    "KINDS",
+    "JobInfo",
+    "ArchiveLike",
+    "Forwarder",
+    "Outcome",
+    "RoundResult",
+    "Target",
+    "backoff_delay",
+    "deliver_due",
+    "enqueue_forwards",
+    "list_jobs",
+    "retry_now",
+]

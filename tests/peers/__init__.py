@@ -1,0 +1,1 @@
+"""Helpers that run real DICOM peers (Debian packages) on loopback for tests."""
