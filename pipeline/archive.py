@@ -196,26 +196,56 @@ class Archive:
         return f"{FILES_DIR}/{header.StudyInstanceUID}/{header.SeriesInstanceUID}/{header.SOPInstanceUID}.dcm"
 
     # ---- the durable path ---------------------------------------------------------
-    def _existing(self, sop_instance_uid: str) -> str | None:
-        with session_scope(self.session_factory, readonly=True) as session:
-            return session.scalar(select(Instance.path).where(Instance.SOPInstanceUID == sop_instance_uid))
-
     def _store(self, header: InstanceHeader, parts: tuple[bytes | memoryview, ...], transfer_syntax: str,
                *, derived: bool) -> StoredInstance:
-        existing = self._existing(header.SOPInstanceUID)
-        if existing is not None and (self.data_dir / existing).exists():
-            log.info("SOP Instance %s already stored; resend acknowledged, not stored again", header.SOPInstanceUID)
-            return self._result(header, existing, duplicate=True)
+        """Temp file + fsync, then in one index transaction: resend check, rename, fsync
+        folder, index row, commit. A resend leaves the stored file untouched."""
         rel = self.relative_path(header)
         final = self.data_dir / rel
-        size = self._write_atomic(final, parts)
+        tmp, size = self._write_temp(final, parts)
+        renamed = False
         try:
-            duplicate = not self._index(header, rel, transfer_syntax, size, derived)
+            for attempt in range(3):
+                try:
+                    with session_scope(self.session_factory) as session:
+                        existing = session.scalar(
+                            select(Instance.path).where(Instance.SOPInstanceUID == header.SOPInstanceUID))
+                        if existing is not None and (renamed or (self.data_dir / existing).exists()):
+                            log.info("SOP Instance %s already stored; resend acknowledged, not stored again",
+                                     header.SOPInstanceUID)
+                            return self._result(header, existing, duplicate=True)
+                        if not renamed:
+                            os.replace(tmp, final)
+                            renamed = True
+                            if self.fsync:
+                                _fsync_dir(final.parent)
+                        if existing is None:
+                            record_instance(session, header, path=rel, transfer_syntax=transfer_syntax,
+                                            size=size, now=utcnow(), derived=derived)
+                        else:
+                            log.warning("SOP Instance %s was indexed but its file was missing; file restored",
+                                        header.SOPInstanceUID)
+                    return self._result(header, rel, duplicate=False, size=size)
+                except IntegrityError:
+                    # A concurrent association created the same patient/study/series/instance first.
+                    if attempt == 2:
+                        raise
+        except OperationalError as err:
+            self._discard(final if renamed else None)
+            if "full" in str(err.orig).lower():
+                raise OutOfResourcesError(f"index database full: free space, then resend ({err.orig})") from err
+            raise
         except BaseException:
             # Not acknowledged, so not kept: no orphan file without an index row.
-            final.unlink(missing_ok=True)
+            self._discard(final if renamed else None)
             raise
-        return self._result(header, rel, duplicate=duplicate, size=size)
+        finally:
+            tmp.unlink(missing_ok=True)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _discard(self, final: Path | None) -> None:
+        if final is not None:
+            final.unlink(missing_ok=True)
 
     def _result(self, header: InstanceHeader, rel: str, *, duplicate: bool, size: int | None = None) -> StoredInstance:
         path = self.data_dir / rel
@@ -237,32 +267,27 @@ class Archive:
                     _fsync_dir(created.parent)
             self._known_dirs.add(folder)
 
-    def _write_atomic(self, final: Path, parts: tuple[bytes | memoryview, ...]) -> int:
+    def _write_temp(self, final: Path, parts: tuple[bytes | memoryview, ...]) -> tuple[Path, int]:
+        """Write ``parts`` to a fsynced temp file next to ``final``; return it and its size."""
+        tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}{TMP_SUFFIX}"
         try:
             self._ensure_dir(final.parent)
-            tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}{TMP_SUFFIX}"
             size = 0
-            try:
-                with open(tmp, "xb") as fh:
-                    for part in parts:
-                        size += fh.write(part)
-                    fh.flush()
-                    if self.fsync:
-                        os.fsync(fh.fileno())
-                os.replace(tmp, final)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            if self.fsync:
-                _fsync_dir(final.parent)
-            return size
+            with open(tmp, "xb") as fh:
+                for part in parts:
+                    size += fh.write(part)
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+            return tmp, size
         except OSError as err:
+            tmp.unlink(missing_ok=True)
             if err.errno in _NO_SPACE:
                 raise OutOfResourcesError(f"archive disk full at {self.data_dir}: free space, then resend") from err
             raise
 
     def _index(self, header: InstanceHeader, rel: str, transfer_syntax: str, size: int, derived: bool) -> bool:
-        """Commit the index row; ``False`` if another store indexed the SOP Instance first."""
+        """Index a file already in place (crash recovery); ``False`` if already indexed."""
         for attempt in range(3):
             try:
                 with session_scope(self.session_factory) as session:
@@ -270,16 +295,9 @@ class Archive:
                                             size=size, now=utcnow(), derived=derived)
                 return added is not None
             except IntegrityError:
-                # A concurrent association created the same patient/study/series/instance.
                 if attempt == 2:
                     raise
-                if self._existing(header.SOPInstanceUID) is not None:
-                    return False
-            except OperationalError as err:
-                if "full" in str(err.orig).lower():
-                    raise OutOfResourcesError(f"index database full: free space, then resend ({err.orig})") from err
-                raise
-        return False  # pragma: no cover - loop always returns or raises
+        return False  # pragma: no cover
 
     # ---- crash recovery -----------------------------------------------------------
     def recover(self) -> tuple[int, int]:

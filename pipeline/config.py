@@ -48,7 +48,7 @@ class TLSSettings(_Section):
 class DicomSettings(_Section):
     ae_title: str = "RADTRIAGE"
     bind: str = "0.0.0.0"
-    port: int = Field(11112, ge=1, le=65535)
+    port: int = Field(11112, ge=0, le=65535)  # 0: any free port (tests)
     allowed_aes: list[str] = Field(default_factory=lambda: ["STORESCU", "ECHOSCU", "FINDSCU", "MOVESCU", "GETSCU", "RADTRIAGE"])
     max_pdu_size: int = Field(4_194_304, ge=0)
     network_timeout_seconds: float = Field(60.0, gt=0)
@@ -81,6 +81,12 @@ class IndexSettings(_Section):
 class TriageSettings(_Section):
     stable_age_seconds: float = Field(10.0, ge=0)
     sweep_interval_seconds: float = Field(1.0, gt=0)
+    # Flow runs executed at once by this process's worker; inference inside them is
+    # further limited to `inference_slots` by a Prefect concurrency limit.
+    max_parallel_flows: int = Field(2, ge=1)
+    inference_slots: int = Field(1, ge=1)
+    # Port of the embedded Prefect server (started when PREFECT_API_URL is not set); 0 = any free port.
+    embedded_prefect_port: int = Field(4200, ge=0, le=65535)
 
 
 class ModelSettings(_Section):

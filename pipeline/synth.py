@@ -199,3 +199,7 @@ def synth_study(
     if data.shape != (slices, rows, cols):
         raise ValueError(f"volume generator returned shape {data.shape}, expected {(slices, rows, cols)}")
     return write_ct_series(data, spacing, out_dir, seed=seed, **attributes)  # type: ignore[arg-type]
+
+
+# Named volume generators for ``radtriage synth --phantom``; add yours here.
+VOLUME_GENERATORS: dict[str, VolumeGenerator] = {"head": head_phantom}

@@ -1,15 +1,19 @@
 """Engine, sessions and migrations for the index database.
 
 SQLite (the default, one machine) runs in WAL mode with a busy timeout and
-``synchronous=FULL``: a commit is on disk before the receiver answers Success. Write
-transactions start with ``BEGIN IMMEDIATE`` so two writers queue on the busy timeout
-instead of failing when one upgrades a read to a write. Nothing here emits
+``synchronous=NORMAL``: a commit survives a crash of the process (``kill -9``), and the
+archive files (fsynced before the commit) are the record of truth after a power loss:
+:meth:`pipeline.archive.Archive.recover` re-indexes any file whose row was lost. Set
+``RADTRIAGE_SQLITE_SYNCHRONOUS=FULL`` to fsync every commit as well. Write transactions
+start with ``BEGIN IMMEDIATE`` so two writers queue on the busy timeout instead of
+failing when one upgrades a read to a write. Nothing here emits
 SQLite-only SQL to the database a PostgreSQL URL names.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +28,8 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _READONLY = "radtriage_readonly"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+_SYNCHRONOUS = {"FULL": "FULL", "NORMAL": "NORMAL", "EXTRA": "EXTRA"}.get(
+    os.environ.get("RADTRIAGE_SQLITE_SYNCHRONOUS", "NORMAL").upper(), "NORMAL")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -32,7 +38,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA synchronous={_SYNCHRONOUS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
@@ -113,5 +119,8 @@ def migrate(url: str, revision: str = "head") -> None:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    log.debug("migrating index %s to %s", parsed.render_as_string(hide_password=True), revision)
+    alembic_log = logging.getLogger("alembic")
+    if alembic_log.level == logging.NOTSET:  # its INFO lines are noise in `radtriage serve`
+        alembic_log.setLevel(logging.WARNING)
     command.upgrade(alembic_config(url), revision)
+    log.info("index %s is at revision %s", parsed.render_as_string(hide_password=True), revision)

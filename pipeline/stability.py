@@ -1,0 +1,86 @@
+"""Study completion by quiet period: a study with no new received instance for
+``stable_age_seconds`` moves from ``received`` to ``stable`` (the dispatcher's outbox).
+
+A late instance moves it back to ``received`` (see :mod:`pipeline.index.ingest`), so
+the sweep picks it up again once it is quiet. State lives in the index, so it survives
+restarts; the sweep is idempotent and safe to run from several processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.index.db import session_scope
+from pipeline.index.schema import Study, StudyState, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def sweep_once(session_factory: sessionmaker[Session] | Engine, stable_age_seconds: float,
+               now: datetime | None = None) -> list[str]:
+    """Mark quiet studies stable; return their StudyInstanceUIDs.
+
+    Parameters
+    ----------
+    session_factory
+        Session factory or engine of the index.
+    stable_age_seconds
+        A study is quiet when its ``last_received_at`` is at least this old.
+    now
+        The current time (timezone-aware); defaults to the clock. Tests pass it.
+    """
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=stable_age_seconds)
+    quiet = (Study.state == StudyState.received) & (Study.last_received_at <= cutoff)
+    with session_scope(session_factory) as session:
+        rows = session.execute(
+            select(Study.id, Study.StudyInstanceUID).where(quiet).with_for_update(skip_locked=True)).all()
+        if not rows:
+            return []
+        # The condition is repeated so an instance arriving meanwhile keeps its study received.
+        session.execute(update(Study).where(Study.id.in_([r.id for r in rows]), quiet)
+                        .values(state=StudyState.stable, state_changed_at=now)
+                        .execution_options(synchronize_session=False))
+        changed = list(session.execute(select(Study.StudyInstanceUID).where(
+            Study.id.in_([r.id for r in rows]), Study.state == StudyState.stable,
+            Study.state_changed_at == now)).scalars())
+    for uid in changed:
+        log.info("study %s is stable (quiet for %gs)", uid, stable_age_seconds)
+    return changed
+
+
+class StabilitySweeper:
+    """A service component: runs :func:`sweep_once` every ``interval`` seconds."""
+
+    name = "stability sweep"
+
+    def __init__(self, session_factory: sessionmaker[Session] | Engine, stable_age_seconds: float,
+                 interval_seconds: float) -> None:
+        self.session_factory = session_factory
+        self.stable_age_seconds = stable_age_seconds
+        self.interval_seconds = interval_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="stability-sweep", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sweep_once(self.session_factory, self.stable_age_seconds)
+            except Exception:  # keep sweeping: a locked or restarting database passes
+                log.exception("stability sweep failed; retrying in %gs", self.interval_seconds)
+            self._stop.wait(self.interval_seconds)
