@@ -1,0 +1,160 @@
+"""The worklist web app: :func:`create_app` builds the FastAPI application.
+
+Every path except ``/login``, ``/health`` and ``/static/`` needs a login: a session
+cookie (pages and API) or HTTP Basic (API only). Pages without a login redirect to
+``/login``; API paths answer 401. Every request but static files and health checks is
+written to the audit log with the user, address, path and answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from pipeline.config import Settings
+from pipeline.index.db import session_scope
+from pipeline.web.auth import SESSION_COOKIE, Authenticator, AuthUser, LockedOut, load_secret
+from pipeline.web.context import ArchiveFiles, WebContext
+from pipeline.web.imaging import SliceRenderer
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+PUBLIC_PATHS = {"/login", "/health", "/favicon.ico"}
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def relative_time(when: datetime | None, now: datetime | None = None) -> str:
+    """``"just now"``, ``"12 min ago"``, ``"3 h ago"``, ``"2 d ago"``."""
+    if when is None:
+        return ""
+    seconds = ((now or datetime.now(timezone.utc)) - when).total_seconds()
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min ago"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min ago"
+    return f"{int(seconds // 86400)} d ago"
+
+
+def _local(when: datetime | None) -> str:
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S") if when else ""
+
+
+def _person_name(value: str) -> str:
+    """DICOM ``FAMILY^GIVEN`` as ``FAMILY, GIVEN``."""
+    parts = [p for p in value.split("^") if p]
+    return ", ".join(parts[:2]) + (" " + " ".join(parts[2:]) if len(parts) > 2 else "")
+
+
+def _authenticate(ctx: WebContext, request: Request) -> tuple[AuthUser | None, Response | None]:
+    token = request.cookies.get(SESSION_COOKIE, "")
+    with session_scope(ctx.session_factory) as session:
+        user = ctx.authenticator.resume_session(session, token)
+    if user is not None:
+        return user, None
+    if request.url.path.startswith("/api/"):
+        header = request.headers.get("authorization", "")
+        if header[:6].lower() == "basic ":
+            try:
+                name, _, password = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                name, password = "", ""
+            try:
+                with session_scope(ctx.session_factory) as session:
+                    user = ctx.authenticator.verify(session, name, password, _client(request))
+            except LockedOut as err:
+                request.state.audit_user = name
+                request.state.audit_action = "login locked out"
+                return None, JSONResponse({"detail": str(err)}, status_code=429,
+                                          headers={"Retry-After": str(int(err.retry_after) + 1)})
+            if user is not None:
+                return user, None
+            request.state.audit_user = name
+            request.state.audit_action = "login failed"
+        return None, JSONResponse({"detail": "login required: log in or use HTTP Basic"}, status_code=401,
+                                  headers={"WWW-Authenticate": 'Basic realm="radtriage", charset="UTF-8"'})
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return None, RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+
+
+def create_app(settings: Settings, session_factory: sessionmaker[Session], archive: ArchiveFiles) -> FastAPI:
+    """The worklist web app and JSON API.
+
+    Parameters
+    ----------
+    settings
+        ``[web]`` (login limits, secret key) and ``storage.data_dir``.
+    session_factory
+        Sessions on the migrated index (revision 0003 or later).
+    archive
+        Where slices and SEG/SR files are read from (``path_of(sop_instance_uid)``),
+        normally :class:`pipeline.archive.Archive`.
+    """
+    from pipeline.web import api, pages
+
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["relative_time"] = relative_time
+    templates.env.filters["local_time"] = _local
+    templates.env.filters["person_name"] = _person_name
+    ctx = WebContext(
+        settings=settings,
+        session_factory=session_factory,
+        archive=archive,
+        authenticator=Authenticator(settings.web.login_max_failures, settings.web.login_lockout_seconds),
+        secret=load_secret(settings),
+        renderer=SliceRenderer(archive.path_of),
+        templates=templates,
+    )
+    app = FastAPI(title="radtriage worklist", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ctx = ctx
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.include_router(pages.router)
+    app.include_router(api.router)
+
+    @app.middleware("http")
+    async def login_and_audit(request: Request, call_next: Any) -> Response:
+        path = request.url.path
+        quiet = path.startswith("/static/") or path in ("/health", "/favicon.ico")
+        request.state.user = None
+        if not (quiet or path in PUBLIC_PATHS):
+            user, refusal = await run_in_threadpool(_authenticate, ctx, request)
+            if refusal is not None:
+                await run_in_threadpool(
+                    ctx.audit, username=getattr(request.state, "audit_user", ""), remote_addr=_client(request),
+                    method=request.method, path=path, status_code=refusal.status_code,
+                    action=getattr(request.state, "audit_action", "refused: no login"))
+                return refusal
+            request.state.user = user
+        response: Response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        if not path.startswith("/static/"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        if not quiet:
+            user = request.state.user
+            await run_in_threadpool(
+                ctx.audit, username=user.username if user else getattr(request.state, "audit_user", ""),
+                remote_addr=_client(request), method=request.method,
+                path=path + (f"?{request.url.query}" if request.url.query else ""), status_code=response.status_code,
+                action=getattr(request.state, "audit_action", ""), study_uid=getattr(request.state, "audit_study", ""))
+        return response
+
+    return app

@@ -1,0 +1,226 @@
+"""Server-rendered pages: login, worklist (with a live-updating rows fragment), study."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import select
+
+from pipeline.index.db import session_scope
+from pipeline.index.schema import Series, SeriesOrigin
+from pipeline.index.triage import AIStatus
+from pipeline.web.auth import SESSION_COOKIE, SESSION_LIFETIME, AuthUser, LockedOut, csrf_ok, csrf_token
+from pipeline.web.context import WebContext, received_series, series_slices, study_instance
+from pipeline.web.imaging import OVERLAYS, WINDOWS, default_window
+from pipeline.worklist import StudyNotFound, get_worklist_item, list_worklist, mark_read, mark_unread
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+POLL_SECONDS = 3
+PRIORITIES = ("critical", "urgent", "routine")
+
+
+def _ctx(request: Request) -> WebContext:
+    return request.app.state.ctx  # type: ignore[no-any-return]
+
+
+def _user(request: Request) -> AuthUser:
+    return request.state.user  # type: ignore[no-any-return]
+
+
+def _safe_next(target: str | None) -> str:
+    # Only local paths: never redirect a login to another site.
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/worklist"
+
+
+def _render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    ctx = _ctx(request)
+    user = getattr(request.state, "user", None)
+    context.setdefault("user", user)
+    context.setdefault("csrf", csrf_token(ctx.secret, user.session_token) if user and user.session_token else "")
+    return ctx.templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+@router.get("/", include_in_schema=False)
+def root() -> RedirectResponse:
+    return RedirectResponse("/worklist", status_code=303)
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, next: str = "/worklist") -> HTMLResponse:
+    return _render(request, "login.html", next=_safe_next(next), error="", username="")
+
+
+@router.post("/login")
+def login(request: Request, username: str = Form(""), password: str = Form(""), next: str = Form("/worklist")) -> Response:
+    ctx = _ctx(request)
+    remote = request.client.host if request.client else ""
+    request.state.audit_user = username
+    try:
+        with session_scope(ctx.session_factory) as session:
+            user = ctx.authenticator.verify(session, username, password, remote)
+            token = ctx.authenticator.open_session(session, user, remote) if user is not None else ""
+    except LockedOut as err:
+        request.state.audit_action = "login locked out"
+        response = _render(request, "login.html", status_code=429, next=_safe_next(next), username=username,
+                           error=f"Too many failed logins. {str(err).capitalize()}.")
+        response.headers["Retry-After"] = str(int(err.retry_after) + 1)
+        return response
+    if user is None:
+        request.state.audit_action = "login failed"
+        return _render(request, "login.html", status_code=401, next=_safe_next(next), username=username,
+                       error="Wrong user name or password.")
+    request.state.audit_action = "login"
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    response.set_cookie(SESSION_COOKIE, token, max_age=int(SESSION_LIFETIME.total_seconds()), httponly=True,
+                        samesite="strict", secure=request.url.scheme == "https", path="/")
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, csrf_token: str = Form("")) -> Response:
+    ctx = _ctx(request)
+    user = _user(request)
+    if not csrf_ok(ctx.secret, user.session_token, csrf_token):
+        return Response("Form expired; go back, reload and try again.", status_code=403)
+    with session_scope(ctx.session_factory) as session:
+        ctx.authenticator.close_session(session, user.session_token)
+    request.state.audit_action = "logout"
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+def _filters(status: str, priority: str, modality: str, q: str) -> dict[str, str]:
+    return {
+        "status": status if status in {s.value for s in AIStatus} else "",
+        "priority": priority if priority in PRIORITIES else "",
+        "modality": modality.strip().upper()[:16],
+        "q": q.strip()[:64],
+    }
+
+
+def _worklist_items(ctx: WebContext, filters: dict[str, str]) -> list[Any]:
+    with session_scope(ctx.session_factory, readonly=True) as session:
+        return list_worklist(session, status=filters["status"] or None, priority=filters["priority"] or None,
+                             modality=filters["modality"] or None, search=filters["q"] or None)
+
+
+@router.get("/worklist", response_class=HTMLResponse)
+def worklist_page(request: Request, status: str = "", priority: str = "", modality: str = "", q: str = "") -> HTMLResponse:
+    ctx = _ctx(request)
+    filters = _filters(status, priority, modality, q)
+    items = _worklist_items(ctx, filters)
+    with session_scope(ctx.session_factory, readonly=True) as session:
+        modalities = sorted(m for m in session.scalars(
+            select(Series.Modality).where(Series.origin == SeriesOrigin.received).distinct()) if m)
+    return _render(request, "worklist.html", items=items, filters=filters, modalities=modalities,
+                   statuses=[s.value for s in AIStatus], priorities=PRIORITIES, poll_seconds=POLL_SECONDS)
+
+
+@router.get("/worklist/rows", response_class=HTMLResponse)
+def worklist_rows(request: Request, status: str = "", priority: str = "", modality: str = "", q: str = "") -> HTMLResponse:
+    items = _worklist_items(_ctx(request), _filters(status, priority, modality, q))
+    return _render(request, "_rows.html", items=items)
+
+
+@router.get("/studies/{study_uid}", response_class=HTMLResponse)
+def study_page(request: Request, study_uid: str, window: str = "", overlay: str = "fill") -> HTMLResponse:
+    ctx = _ctx(request)
+    request.state.audit_study = study_uid
+    with session_scope(ctx.session_factory, readonly=True) as session:
+        try:
+            item = get_worklist_item(session, study_uid)
+        except StudyNotFound:
+            return _render(request, "message.html", status_code=404, title="Study not found",
+                           message=f"No study {study_uid} is in the archive.")
+        received = received_series(session, study_uid)
+        key = item.key_finding
+        series_uid = key.SourceSeriesInstanceUID if key else ""
+        if not series_uid:
+            series_uid = next((r.SourceSeriesInstanceUID for r in item.results if r.SourceSeriesInstanceUID), "")
+        if not series_uid and received:
+            series_uid = received[0].SeriesInstanceUID
+        slices = series_slices(session, series_uid) if series_uid else []
+        series = next((s for s in received if s.SeriesInstanceUID == series_uid), None)
+    if key is not None and key.key_sop_instance_uid in slices:
+        key_index = slices.index(key.key_sop_instance_uid)
+    else:
+        key_index = len(slices) // 2
+    if window not in WINDOWS:
+        window = default_window([s.BodyPartExamined for s in received],
+                                [item.StudyDescription] + [s.SeriesDescription for s in received])
+    if overlay not in OVERLAYS:
+        overlay = "fill"
+    return _render(request, "study.html", item=item, slices=slices, key_index=key_index, series=series,
+                   window=window, windows=WINDOWS, overlay=overlay, overlays=OVERLAYS)
+
+
+def _seg_uids(item: Any, series_uid: str) -> tuple[str, ...]:
+    return tuple(sorted({r.SegSOPInstanceUID for r in item.results
+                         if r.ok and r.SegSOPInstanceUID and r.SourceSeriesInstanceUID == series_uid}))
+
+
+@router.get("/studies/{study_uid}/image/{sop_uid}.png")
+def slice_image(request: Request, study_uid: str, sop_uid: str, window: str = "soft", overlay: str = "fill") -> Response:
+    ctx = _ctx(request)
+    request.state.audit_study = study_uid
+    if window not in WINDOWS or overlay not in OVERLAYS:
+        return Response(f"window must be one of {', '.join(WINDOWS)}; overlay one of {', '.join(OVERLAYS)}",
+                        status_code=400)
+    with session_scope(ctx.session_factory, readonly=True) as session:
+        found = study_instance(session, study_uid, sop_uid)
+        if found is None:
+            return Response("no such image in this study", status_code=404)
+        item = get_worklist_item(session, study_uid)
+        series_uid = found[1].SeriesInstanceUID
+    png = ctx.renderer.render_png(sop_uid, window=window, overlay=overlay, seg_uids=_seg_uids(item, series_uid))
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+@router.get("/studies/{study_uid}/objects/{sop_uid}.dcm")
+def download_object(request: Request, study_uid: str, sop_uid: str) -> Response:
+    ctx = _ctx(request)
+    request.state.audit_study = study_uid
+    request.state.audit_action = "download"
+    with session_scope(ctx.session_factory, readonly=True) as session:
+        found = study_instance(session, study_uid, sop_uid)
+    if found is None:
+        return Response("no such object in this study", status_code=404)
+    path = ctx.archive.path_of(sop_uid)
+    return Response(path.read_bytes(), media_type="application/dicom",
+                    headers={"Content-Disposition": f'attachment; filename="{found[1].Modality or "obj"}_{sop_uid}.dcm"'})
+
+
+def _mark(request: Request, study_uid: str, csrf: str, next_url: str, read: bool) -> Response:
+    ctx = _ctx(request)
+    user = _user(request)
+    request.state.audit_study = study_uid
+    request.state.audit_action = "mark read" if read else "mark unread"
+    if not csrf_ok(ctx.secret, user.session_token, csrf):
+        return Response("Form expired; go back, reload and try again.", status_code=403)
+    try:
+        with session_scope(ctx.session_factory) as session:
+            if read:
+                mark_read(session, study_uid, user.username)
+            else:
+                mark_unread(session, study_uid)
+    except StudyNotFound as err:
+        return Response(str(err), status_code=404)
+    return RedirectResponse(_safe_next(next_url or f"/studies/{study_uid}"), status_code=303)
+
+
+@router.post("/studies/{study_uid}/read")
+def read_form(request: Request, study_uid: str, csrf_token: str = Form(""), next: str = Form("")) -> Response:
+    return _mark(request, study_uid, csrf_token, next, True)
+
+
+@router.post("/studies/{study_uid}/unread")
+def unread_form(request: Request, study_uid: str, csrf_token: str = Form(""), next: str = Form("")) -> Response:
+    return _mark(request, study_uid, csrf_token, next, False)

@@ -1,0 +1,101 @@
+"""The web app as a service component: uvicorn in a thread, started by ``radtriage serve``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import uvicorn
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.config import Settings
+from pipeline.errors import ConfigError
+from pipeline.web.context import ArchiveFiles
+
+log = logging.getLogger(__name__)
+
+
+class WebServer:
+    """Serves :func:`pipeline.web.app.create_app` on ``[web] bind``:``port``.
+
+    Parameters
+    ----------
+    settings, session_factory, archive
+        As for :func:`~pipeline.web.app.create_app`.
+    host, port
+        Override ``[web] bind`` and ``port``; port 0 picks a free one (see :attr:`port`).
+    """
+
+    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], archive: ArchiveFiles, *,
+                 host: str | None = None, port: int | None = None) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.archive = archive
+        self.host = host if host is not None else settings.web.bind
+        self._port = port if port is not None else settings.web.port
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the real one once started, also when 0 was asked)."""
+        server = self._server
+        if server is not None and server.started and server.servers:
+            return int(server.servers[0].sockets[0].getsockname()[1])
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start serving in a background thread; return once the socket listens.
+
+        Raises
+        ------
+        ConfigError
+            When the port cannot be bound (in use, or not allowed).
+        """
+        from pipeline.web.app import create_app
+
+        app = create_app(self.settings, self.session_factory, self.archive)
+        config = uvicorn.Config(app, host=self.host, port=self._port, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=5, server_header=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="radtriage-web", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise ConfigError(f"web server could not listen on {self.host}:{self._port}; "
+                                  "set [web] bind/port (or RADTRIAGE_WEB__PORT) to a free port")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ConfigError(f"web server did not start within {timeout:.0f} s on {self.host}:{self._port}")
+            time.sleep(0.02)
+        log.info("worklist at %s", self.url)
+        from pipeline.index.db import session_scope
+        from pipeline.web.auth import users_exist
+
+        with session_scope(self.session_factory, readonly=True) as session:
+            if not users_exist(session):
+                log.warning("no web users yet: create one with `radtriage user add NAME --role admin`")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving and wait for the thread (open requests get a few seconds)."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("web server thread did not stop within %.0f s", timeout)
+        self._thread = None
+
+    def __enter__(self) -> WebServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
