@@ -87,10 +87,40 @@ def _stability(ctx: ServiceContext) -> Component:
     return StabilitySweeper(ctx.session_factory, triage.stable_age_seconds, triage.sweep_interval_seconds)
 
 
+def _prefect(ctx: ServiceContext) -> Component | None:
+    from flows.serve import embedded_prefect  # Prefect stays out of the receiver's imports
+
+    return embedded_prefect(ctx)
+
+
+def _triage(ctx: ServiceContext) -> Component:
+    from flows.serve import triage
+
+    return triage(ctx)
+
+
+def _forwarder(ctx: ServiceContext) -> Component:
+    from pipeline.forward import Forwarder
+
+    forwarder = Forwarder(ctx.settings, ctx.archive, ctx.session_factory)
+    ctx.extras["forwarder"] = forwarder
+    return forwarder
+
+
+def _web(ctx: ServiceContext) -> Component:
+    from pipeline.web.server import WebServer
+
+    return WebServer(ctx.settings, ctx.session_factory, ctx.archive)
+
+
 # The components of `radtriage serve`, in start order. Add yours here (one line).
 COMPONENT_FACTORIES: list[ComponentFactory] = [
     _receiver,
     _stability,
+    _forwarder,
+    _web,
+    _prefect,
+    _triage,
 ]
 
 

@@ -134,6 +134,8 @@ class Forwarder:
         (flow runs) are seen within it. :meth:`wake` looks at once.
     """
 
+    name = "forwarder"
+
     def __init__(
         self,
         settings: Settings,

@@ -27,6 +27,8 @@ class WebServer:
         Override ``[web] bind`` and ``port``; port 0 picks a free one (see :attr:`port`).
     """
 
+    name = "web app"
+
     def __init__(self, settings: Settings, session_factory: sessionmaker[Session], archive: ArchiveFiles, *,
                  host: str | None = None, port: int | None = None) -> None:
         self.settings = settings

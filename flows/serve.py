@@ -1,0 +1,132 @@
+"""The Prefect side of ``radtriage serve`` and ``radtriage worker``.
+
+:class:`TriageOrchestration` registers the ``triage-study`` deployment and the
+inference concurrency limit, runs the in-process worker, and (for ``serve``) the
+dispatcher that turns stable studies into flow runs. When the Prefect API is down at
+start it keeps trying in the background; the receiver never waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from uuid import UUID
+
+from prefect.context import refresh_global_settings_context
+
+from pipeline.dispatch import Dispatcher
+from pipeline.orchestrator import LocalPrefectServer
+from pipeline.runtime import Runtime, set_runtime
+from pipeline.service import ServiceContext
+
+log = logging.getLogger(__name__)
+
+
+class TriageOrchestration:
+    """Deployment registration + in-process worker (+ dispatcher when ``dispatch``)."""
+
+    name = "triage orchestration"
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        dispatch: bool = True,
+        max_parallel_flows: int = 2,
+        inference_slots: int = 1,
+        poll_interval: float = 2.0,
+    ) -> None:
+        self.runtime = runtime
+        self.inference_slots = inference_slots
+        self.max_parallel_flows = max_parallel_flows
+        self.poll_interval = poll_interval
+        self.worker = None
+        self.dispatcher = (
+            Dispatcher(runtime.session_factory, on_dispatched=self._wake_worker) if dispatch else None
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.deployment_id: UUID | None = None
+
+    def _wake_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.wake()
+
+    def start(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.start()
+        self._thread = threading.Thread(target=self._register_then_work, name="triage-orchestration", daemon=True)
+        self._thread.start()
+
+    def _register_then_work(self) -> None:
+        from flows.deployment import ensure_inference_limit, register_deployment
+        from flows.worker import InProcessWorker
+
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                self.deployment_id = register_deployment()
+                ensure_inference_limit(self.inference_slots)
+                break
+            except Exception as err:  # noqa: BLE001 - API not reachable yet
+                log.warning("cannot register the triage-study deployment yet (%s); retrying in %.0f s", err, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+        if self._stop.is_set() or self.deployment_id is None:
+            return
+        self.worker = InProcessWorker(
+            self.deployment_id, max_parallel=self.max_parallel_flows, poll_interval=self.poll_interval
+        )
+        self.worker.start()
+        if self.dispatcher is not None:
+            self.dispatcher.wake()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.worker is not None:
+            self.worker.stop()
+
+
+class EmbeddedPrefect:
+    """A local Prefect server for one-machine installs, when ``PREFECT_API_URL`` is unset."""
+
+    name = "embedded Prefect server"
+
+    def __init__(self, home: Path, port: int) -> None:
+        self.server = LocalPrefectServer(home, port or None, ui=True)
+
+    def start(self) -> None:
+        os.environ["PREFECT_API_URL"] = self.server.start()
+        # Prefect captured its settings at import; make every thread see the new URL.
+        refresh_global_settings_context()
+        log.info("Prefect UI at %s", self.server.api_url.removesuffix("/api"))
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def embedded_prefect(ctx: ServiceContext) -> EmbeddedPrefect | None:
+    """Service factory: the embedded server, or nothing when an external API is configured."""
+    if os.environ.get("PREFECT_API_URL"):
+        log.info("using the Prefect API at %s", os.environ["PREFECT_API_URL"])
+        return None
+    return EmbeddedPrefect(Path(ctx.settings.storage.data_dir) / "prefect", ctx.settings.triage.embedded_prefect_port)
+
+
+def triage(ctx: ServiceContext, *, dispatch: bool = True) -> TriageOrchestration:
+    """Service factory: deployment, in-process worker and (for serve) the dispatcher."""
+    runtime = Runtime(settings=ctx.settings, engine=ctx.engine, session_factory=ctx.session_factory, archive=ctx.archive)
+    set_runtime(runtime)
+    settings = ctx.settings.triage
+    orchestration = TriageOrchestration(
+        runtime, dispatch=dispatch, max_parallel_flows=settings.max_parallel_flows,
+        inference_slots=settings.inference_slots,
+    )
+    ctx.extras["triage"] = orchestration
+    return orchestration

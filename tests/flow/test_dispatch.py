@@ -1,0 +1,84 @@
+"""The dispatch outbox against a real Prefect API server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import delete, select
+
+from pipeline.index.db import session_scope
+from pipeline.index.schema import Study, StudyState
+from pipeline.index.triage import TriageRun
+from pipeline.runtime import Runtime
+from pipeline.stability import sweep_once
+from pipeline.synth import synth_study
+
+
+def _stable_study(rt: Runtime, tmp_path: Path, seed: int) -> str:
+    files = synth_study(tmp_path / f"in{seed}", seed=seed, slices=4, rows=64, cols=64)
+    for path in files:
+        rt.archive.store_dataset(pydicom.dcmread(path))
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    assert study_uid in sweep_once(rt.session_factory, 0)
+    return study_uid
+
+
+def _study_and_runs(rt: Runtime, study_uid: str) -> tuple[StudyState, list[tuple[int, str]]]:
+    """The study's state and its runs as (revision, flow run id)."""
+    with session_scope(rt.session_factory, readonly=True) as session:
+        study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
+        runs = session.scalars(select(TriageRun).where(TriageRun.study_id == study.id)).all()
+        return study.state, [(r.revision, r.flow_run_id) for r in runs]
+
+
+def test_study_waits_while_prefect_is_down_and_is_dispatched_when_it_is_back(prefect_server, flow_settings, tmp_path):
+    from flows.deployment import register_deployment
+    from pipeline.dispatch import Dispatcher
+    from prefect.client.orchestration import get_client
+
+    register_deployment()
+    rt = Runtime.from_settings(flow_settings)
+    study_uid = _stable_study(rt, tmp_path, seed=11)
+    dispatcher = Dispatcher(rt.session_factory)
+
+    prefect_server.stop()
+    assert dispatcher.dispatch_pending() == []
+    assert not dispatcher.api_available
+    state, runs = _study_and_runs(rt, study_uid)
+    assert state == StudyState.stable and runs == []
+
+    prefect_server.start()
+    assert dispatcher.dispatch_pending() == [study_uid]
+    state, runs = _study_and_runs(rt, study_uid)
+    assert state == StudyState.dispatched
+    assert [revision for revision, _ in runs] == [1]
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(runs[0][1])
+    assert flow_run.parameters == {"study_uid": study_uid, "revision": 1}
+    assert flow_run.state.is_scheduled()
+    # Nothing more to dispatch: the study left the outbox.
+    assert dispatcher.dispatch_pending() == []
+
+
+def test_a_crash_between_the_api_call_and_the_commit_does_not_dispatch_twice(prefect_server, flow_settings, tmp_path):
+    from flows.deployment import register_deployment
+    from pipeline.dispatch import Dispatcher
+
+    register_deployment()
+    rt = Runtime.from_settings(flow_settings)
+    study_uid = _stable_study(rt, tmp_path, seed=12)
+    dispatcher = Dispatcher(rt.session_factory)
+    assert dispatcher.dispatch_pending() == [study_uid]
+    _, runs = _study_and_runs(rt, study_uid)
+    first_flow_run = runs[0][1]
+
+    # Undo the commit, as if the process had died right after Prefect answered.
+    with session_scope(rt.session_factory) as session:
+        study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
+        session.execute(delete(TriageRun).where(TriageRun.study_id == study.id))
+        study.set_state(StudyState.stable)
+
+    assert dispatcher.dispatch_pending() == [study_uid]
+    _, runs = _study_and_runs(rt, study_uid)
+    assert runs == [(1, first_flow_run)]
