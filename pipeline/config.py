@@ -123,7 +123,7 @@ class ForwardSettings(_Section):
 
 class WebSettings(_Section):
     bind: str = "127.0.0.1"
-    port: int = Field(8080, ge=1, le=65535)
+    port: int = Field(8080, ge=0, le=65535)  # 0: any free port (tests)
     secret_key: str = ""  # empty: generated once and kept in <data_dir>/web_secret
     login_max_failures: int = Field(5, ge=1)
     login_lockout_seconds: float = Field(300.0, gt=0)
