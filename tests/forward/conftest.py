@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.archive import Archive
 from pipeline.config import Settings, load_settings
 from pipeline.index.db import create_index_engine, make_session_factory, migrate
-from tests.forward.objects import ResultObjects, result_objects
+from .objects import ResultObjects, result_objects
 from tests.peers.orthanc import OrthancPeer, free_port
 
 
