@@ -129,4 +129,12 @@ def triage(ctx: ServiceContext, *, dispatch: bool = True) -> TriageOrchestration
         inference_slots=settings.inference_slots,
     )
     ctx.extras["triage"] = orchestration
+    sweeper = ctx.extras.get("stability")
+    if sweeper is not None and orchestration.dispatcher is not None:
+        dispatcher = orchestration.dispatcher
+        sweeper.on_stable = lambda _uids: dispatcher.wake()
+    forwarder = ctx.extras.get("forwarder")
+    if forwarder is not None:
+        # Results queued by a flow run in this process go out at once.
+        runtime.on_results_stored = forwarder.wake
     return orchestration

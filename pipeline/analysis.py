@@ -174,6 +174,8 @@ def store_results(rt: Runtime, study_uid: str, revision: int, result_path: Path)
         destinations = rt.settings.forward.destinations
         enqueue_forwards(session, uids.seg_sop, "SEG", destinations)
         enqueue_forwards(session, uids.sr_sop, "SR", destinations)
+    if destinations and rt.on_results_stored is not None:
+        rt.on_results_stored()
     return {
         "seg": uids.seg_sop, "sr": uids.sr_sop, "priority": result.priority.value,
         "timings": {"writing": t1 - t0, "storing": t2 - t1},

@@ -9,6 +9,7 @@ Prefect passes only UIDs. ``radtriage serve`` installs its own runtime with
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ class Runtime:
     engine: Engine
     session_factory: sessionmaker[Session]
     archive: Archive
+    # Called after a flow run in this process stored results (the forwarder's wake).
+    on_results_stored: Callable[[], None] | None = None
     _registry: Any = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -84,7 +84,9 @@ def _stability(ctx: ServiceContext) -> Component:
     from pipeline.stability import StabilitySweeper
 
     triage = ctx.settings.triage
-    return StabilitySweeper(ctx.session_factory, triage.stable_age_seconds, triage.sweep_interval_seconds)
+    sweeper = StabilitySweeper(ctx.session_factory, triage.stable_age_seconds, triage.sweep_interval_seconds)
+    ctx.extras["stability"] = sweeper
+    return sweeper
 
 
 def _prefect(ctx: ServiceContext) -> Component | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, select, update
@@ -64,6 +65,8 @@ class StabilitySweeper:
         self.session_factory = session_factory
         self.stable_age_seconds = stable_age_seconds
         self.interval_seconds = interval_seconds
+        # Called with the StudyInstanceUIDs that just turned stable (the dispatcher's wake).
+        self.on_stable: Callable[[list[str]], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -80,7 +83,9 @@ class StabilitySweeper:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                sweep_once(self.session_factory, self.stable_age_seconds)
+                changed = sweep_once(self.session_factory, self.stable_age_seconds)
+                if changed and self.on_stable is not None:
+                    self.on_stable(changed)
             except Exception:  # keep sweeping: a locked or restarting database passes
                 log.exception("stability sweep failed; retrying in %gs", self.interval_seconds)
             self._stop.wait(self.interval_seconds)

@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("pynetdicom", "httpx", "httpcore"):
+    for noisy in ("pynetdicom", "httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.INFO)
     try:
         settings = load_settings(args.config)
