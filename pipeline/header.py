@@ -17,6 +17,9 @@ from struct import error as struct_error
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.uid import (
@@ -87,25 +90,67 @@ INDEXED_ATTRIBUTES: dict[str, str] = {
 }
 
 
-def _convert(ds: Dataset, keyword: str, kind: str) -> Any:
-    try:
-        value = ds.get(keyword)
-    except Exception as err:  # pydicom raises many types for bad values; tolerant on read
-        log.warning("ignoring malformed %s: %s", keyword, err)
+_TAGS = {kw: tag_for_keyword(kw) for kw in INDEXED_ATTRIBUTES}
+_TEXT_DELIMS = {0x5C, 0x3D, 0x5E}  # backslash, =, ^ (PN component groups)
+
+
+def _from_text(text: str, kind: str) -> Any:
+    text = text.strip(" \x00")
+    if not text:
         return None
-    if value is None or value == "":
-        return None
+    if kind == "int":
+        return int(text.split("\\")[0])
+    if kind == "float":
+        return float(text.split("\\")[0])
+    return text
+
+
+def _convert(ds: Dataset, keyword: str, kind: str, encodings: list[str] | None) -> Any:
+    """The value of ``keyword`` as str/int/float, or ``None`` (absent, empty, malformed).
+
+    Raw elements from a received dataset are decoded here directly from their bytes:
+    far cheaper than pydicom's full conversion, and this runs per received image.
+    """
     try:
+        elem = ds.get_item(_TAGS[keyword])
+        if elem is None:
+            return None
+        if isinstance(elem, RawDataElement):
+            raw = elem.value or b""
+            if encodings is None:
+                text = raw.decode("latin-1")
+            else:
+                text = decode_bytes(raw, encodings, _TEXT_DELIMS)
+            return _from_text(text, kind)
+        value = elem.value
+        if value is None or value == "":
+            return None
+        if kind == "multi" and not isinstance(value, str):
+            return "\\".join(str(v) for v in value)
+        if kind in ("int", "float") and not isinstance(value, (int, float)):
+            value = value[0] if len(value) else None
+            if value is None:
+                return None
         if kind == "int":
             return int(value)
         if kind == "float":
             return float(value)
-        if kind == "multi":
-            return "\\".join(str(v) for v in value) if not isinstance(value, str) else str(value)
         return str(value).strip()
-    except (TypeError, ValueError) as err:
-        log.warning("ignoring malformed %s %r: %s", keyword, value, err)
+    except Exception as err:  # tolerant on read: many error types for bad values
+        log.warning("ignoring malformed %s: %s", keyword, err)
         return None
+
+
+def _encodings(ds: Dataset) -> list[str] | None:
+    """Python codecs of SpecificCharacterSet; ``None`` for the default repertoire."""
+    try:
+        charset = ds.get("SpecificCharacterSet")
+    except Exception as err:
+        log.warning("ignoring malformed SpecificCharacterSet: %s", err)
+        return None
+    if not charset or charset in ("ISO_IR 6", "ISO_IR 100"):
+        return None  # both decode as latin-1 (ASCII is a subset)
+    return convert_encodings(charset)
 
 
 def _walk(data: bytes | memoryview, implicit: bool, little: bool) -> Dataset:
@@ -114,9 +159,10 @@ def _walk(data: bytes | memoryview, implicit: bool, little: bool) -> Dataset:
     previous = -1
     try:
         for elem in data_element_generator(fp, implicit, little, defer_size=_DEFER):
-            if elem.tag <= previous:
+            tag = int(elem.tag)
+            if tag <= previous:
                 raise DatasetError(f"element {elem.tag} out of order after ({previous >> 16:04X},{previous & 0xFFFF:04X})")
-            previous = elem.tag
+            previous = tag
             elements[elem.tag] = elem
     except DatasetError:
         raise
@@ -169,10 +215,11 @@ def header_from_dataset(ds: Dataset, *, expected_sop_class: str | None = None,
     if expected_sop_instance is not None and sop_instance != expected_sop_instance:
         raise SOPClassMismatchError(
             f"dataset SOPInstanceUID {sop_instance} differs from the request's {expected_sop_instance}")
+    encodings = _encodings(ds)
     return InstanceHeader(
         SOPClassUID=sop_class,
         SOPInstanceUID=sop_instance,
         StudyInstanceUID=validate_uid(raw["StudyInstanceUID"], "StudyInstanceUID"),
         SeriesInstanceUID=validate_uid(raw["SeriesInstanceUID"], "SeriesInstanceUID"),
-        attributes={kw: _convert(ds, kw, kind) for kw, kind in INDEXED_ATTRIBUTES.items()},
+        attributes={kw: _convert(ds, kw, kind, encodings) for kw, kind in INDEXED_ATTRIBUTES.items()},
     )

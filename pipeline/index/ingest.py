@@ -14,7 +14,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, select
+from sqlalchemy import String, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.header import InstanceHeader
@@ -75,43 +75,67 @@ def _study(session: Session, header: InstanceHeader, now: datetime, derived: boo
 
 
 def record_instance(session: Session, header: InstanceHeader, *, path: str, transfer_syntax: str,
-                    size: int, now: datetime, derived: bool = False) -> Instance | None:
-    """Add one instance to the index; return ``None`` if its SOP Instance UID is known.
+                    size: int, now: datetime, derived: bool = False) -> bool:
+    """Add one instance to the index; return ``False`` if its SOP Instance UID is known.
 
     The caller commits. Concurrent creation of the same study or series by two
-    associations surfaces as an ``IntegrityError`` at flush; the caller retries.
+    associations surfaces as an ``IntegrityError``; the caller retries. The common case
+    (an instance of a series already indexed) runs as four plain statements, since it
+    runs once per received image.
     """
     if session.scalar(select(Instance.id).where(Instance.SOPInstanceUID == header.SOPInstanceUID)) is not None:
-        return None
-    series = session.scalar(select(Series).where(Series.SeriesInstanceUID == header.SeriesInstanceUID))
-    if series is None:
-        study = _study(session, header, now, derived)
-        origin = SeriesOrigin.derived if derived else SeriesOrigin.received
-        series = Series(SeriesInstanceUID=header.SeriesInstanceUID, study=study, origin=origin,
-                        NumberOfSeriesRelatedInstances=0, first_received_at=now, last_received_at=now,
-                        **_values(Series, header, _SERIES))
-        session.add(series)
-        study.NumberOfStudyRelatedSeries += 1
-        modality = series.Modality
-        if not derived and modality:
-            present = [m for m in study.ModalitiesInStudy.split("\\") if m]
-            if modality not in present:
-                study.ModalitiesInStudy = _fit(Study, "ModalitiesInStudy", "\\".join([*present, modality]))
-    else:
-        study = series.study
-        if study.StudyInstanceUID != header.StudyInstanceUID:
-            log.warning("instance %s names study %s but its series %s belongs to study %s; indexed under the latter",
-                        header.SOPInstanceUID, header.StudyInstanceUID, series.SeriesInstanceUID, study.StudyInstanceUID)
-    instance = Instance(SOPInstanceUID=header.SOPInstanceUID, SOPClassUID=header.SOPClassUID, series=series,
-                        InstanceNumber=header.get("InstanceNumber", None), TransferSyntaxUID=transfer_syntax,
-                        path=path, size=size, received_at=now)
-    session.add(instance)
-    series.NumberOfSeriesRelatedInstances += 1
-    series.last_received_at = now
+        return False
+    row = session.execute(
+        select(Series.id, Series.study_id, Study.StudyInstanceUID, Study.state)
+        .join(Study, Series.study_id == Study.id)
+        .where(Series.SeriesInstanceUID == header.SeriesInstanceUID)).first()
+    if row is None:
+        _record_in_new_series(session, header, path=path, transfer_syntax=transfer_syntax, size=size,
+                              now=now, derived=derived)
+        return True
+    if row.StudyInstanceUID != header.StudyInstanceUID:
+        log.warning("instance %s names study %s but its series %s belongs to study %s; indexed under the latter",
+                    header.SOPInstanceUID, header.StudyInstanceUID, header.SeriesInstanceUID, row.StudyInstanceUID)
+    no_sync = {"synchronize_session": False}
+    session.execute(insert(Instance).values(
+        SOPInstanceUID=header.SOPInstanceUID, SOPClassUID=header.SOPClassUID, series_id=row.id,
+        InstanceNumber=header.get("InstanceNumber", None), TransferSyntaxUID=transfer_syntax,
+        path=path, size=size, received_at=now))
+    session.execute(update(Series).where(Series.id == row.id).values(
+        NumberOfSeriesRelatedInstances=Series.NumberOfSeriesRelatedInstances + 1,
+        last_received_at=now).execution_options(**no_sync))
+    values: dict[str, Any] = {"NumberOfStudyRelatedInstances": Study.NumberOfStudyRelatedInstances + 1}
+    if not derived:
+        values["last_received_at"] = now
+        if StudyState(row.state) != StudyState.received:
+            log.info("study %s was %s; a late instance returns it to received", row.StudyInstanceUID,
+                     StudyState(row.state).value)
+            values.update(state=StudyState.received, state_changed_at=now)
+    session.execute(update(Study).where(Study.id == row.study_id).values(**values).execution_options(**no_sync))
+    return True
+
+
+def _record_in_new_series(session: Session, header: InstanceHeader, *, path: str, transfer_syntax: str,
+                          size: int, now: datetime, derived: bool) -> None:
+    study = _study(session, header, now, derived)
+    origin = SeriesOrigin.derived if derived else SeriesOrigin.received
+    series = Series(SeriesInstanceUID=header.SeriesInstanceUID, study=study, origin=origin,
+                    NumberOfSeriesRelatedInstances=1, first_received_at=now, last_received_at=now,
+                    **_values(Series, header, _SERIES))
+    session.add(series)
+    session.add(Instance(SOPInstanceUID=header.SOPInstanceUID, SOPClassUID=header.SOPClassUID, series=series,
+                         InstanceNumber=header.get("InstanceNumber", None), TransferSyntaxUID=transfer_syntax,
+                         path=path, size=size, received_at=now))
+    study.NumberOfStudyRelatedSeries += 1
     study.NumberOfStudyRelatedInstances += 1
+    if not derived and series.Modality:
+        present = [m for m in study.ModalitiesInStudy.split("\\") if m]
+        if series.Modality not in present:
+            study.ModalitiesInStudy = _fit(Study, "ModalitiesInStudy", "\\".join([*present, series.Modality]))
     if not derived:
         study.last_received_at = now
         if study.state != StudyState.received:
-            log.info("study %s was %s; a late instance returns it to received", study.StudyInstanceUID, study.state.value)
+            log.info("study %s was %s; a late instance returns it to received", study.StudyInstanceUID,
+                     study.state.value)
             study.set_state(StudyState.received, now)
-    return instance
+    session.flush()

@@ -1,0 +1,160 @@
+"""Fixtures for the PACS core tests: real dcmtk peers against a receiver on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline.archive import Archive
+from pipeline.config import Settings
+from pipeline.index.db import migrate
+from pipeline.receiver import start_receiver
+from pipeline.synth import synth_study
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+HOST = "127.0.0.1"
+
+
+def make_settings(tmp: Path, **dicom: object) -> Settings:
+    return Settings(
+        storage={"data_dir": tmp / "data"},
+        dicom={"bind": HOST, "port": 0, "allowed_aes": ["*"], **dicom},
+        triage={"stable_age_seconds": 3600},
+    )
+
+
+@dataclass
+class Receiver:
+    settings: Settings
+    archive: Archive
+    port: int
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    """An in-process receiver on a free loopback port, with a fresh archive."""
+    settings = make_settings(tmp_path)
+    migrate(settings.index_url)
+    archive = Archive(settings)
+    server = start_receiver(settings, archive)
+    try:
+        yield Receiver(settings, archive, int(server.server_address[1]))
+    finally:
+        server.shutdown()
+        archive.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def study_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A small synthetic CT study (12 slices of 128x128)."""
+    return synth_study(tmp_path_factory.mktemp("study"), seed=11, slices=12, rows=128, cols=128)
+
+
+def storescu(port: int, *files: Path | str, aet: str = "STORESCU", aec: str = "RADTRIAGE",
+             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """dcmtk storescu with debug output (so each DIMSE status is visible); no halt on failure."""
+    return subprocess.run(["storescu", "-d", "-nh", "-aet", aet, "-aec", aec, *extra, HOST, str(port),
+                           *map(str, files)], env=ENV, capture_output=True, text=True, timeout=120)
+
+
+def statuses(result: subprocess.CompletedProcess[str]) -> list[int]:
+    """The DIMSE statuses of every C-STORE response storescu received, in order."""
+    return [int(m, 16) for m in re.findall(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", result.stdout + result.stderr)]
+
+
+def echoscu(port: int, aet: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["echoscu", "-aet", aet, "-aec", "RADTRIAGE", HOST, str(port)], env=ENV,
+                          capture_output=True, text=True, timeout=60)
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """A DICOM file's bytes after the File Meta group (what travelled on the wire)."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    with open(path, "rb") as fh:
+        read_preamble(fh, False)
+        _read_file_meta_info(fh)
+        return fh.read()
+
+
+class ServeProcess:
+    """``radtriage serve`` as a real process, optionally inside a prefix command."""
+
+    def __init__(self, config: Path, wrap: Callable[[list[str]], list[str]] | None = None) -> None:
+        self.config = config
+        self.wrap = wrap
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.log: list[str] = []
+
+    def start(self, timeout: float = 60.0) -> ServeProcess:
+        cmd = [sys.executable, "-m", "pipeline", "--config", str(self.config), "serve"]
+        if self.wrap is not None:
+            cmd = self.wrap(cmd)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line and self.proc.poll() is not None:
+                    break
+                self.log.append(line)
+                match = re.search(r"listening on [\d.]+:(\d+)", line)
+                if match:
+                    self.port = int(match.group(1))
+                    return self
+            elif self.proc.poll() is not None:
+                break
+        self.kill()
+        raise AssertionError("radtriage serve did not start:\n" + "".join(self.log))
+
+    def drain(self) -> str:
+        """Whatever the server logged since the last call (non-blocking)."""
+        out = []
+        assert self.proc is not None and self.proc.stdout is not None
+        while select.select([self.proc.stdout], [], [], 0)[0]:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            out.append(line)
+        self.log.extend(out)
+        return "".join(out)
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        code = self.proc.wait(timeout=30)
+        self.drain() if self.proc.stdout and not self.proc.stdout.closed else None
+        return code
+
+
+def write_config(path: Path, data_dir: Path, *, index_url: str = "", allowed: str = '["*"]') -> Path:
+    path.write_text(
+        f'[dicom]\nbind = "{HOST}"\nport = 0\nallowed_aes = {allowed}\n'
+        f'[storage]\ndata_dir = "{data_dir}"\n'
+        f'[index]\nurl = "{index_url}"\n'
+        f'[triage]\nstable_age_seconds = 3600\n')
+    return path
+
+
+def require_tool(name: str) -> str:
+    found = shutil.which(name)
+    assert found, f"{name} not found: run `make test` (it installs dcmtk and dicom3tools)"
+    return found

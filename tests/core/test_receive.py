@@ -1,0 +1,104 @@
+"""A modality (dcmtk storescu/echoscu) sends to the receiver: what it gets back and
+what ends up in the archive."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from pipeline.index.db import session_scope
+from pipeline.index.schema import Instance, Series, SeriesOrigin, Study, StudyState
+from tests.core.conftest import ENV, ROOT, Receiver, dataset_bytes, echoscu, statuses, storescu
+
+
+def test_echo(receiver: Receiver) -> None:
+    result = echoscu(receiver.port)
+    assert result.returncode == 0, result.stderr
+
+
+def test_whole_study_is_indexed_and_byte_identical(receiver: Receiver, study_files: list[Path]) -> None:
+    result = storescu(receiver.port, *study_files)
+    assert result.returncode == 0, result.stderr
+    assert statuses(result) == [0] * len(study_files)
+
+    with session_scope(receiver.archive.session_factory, readonly=True) as session:
+        study = session.scalars(select(Study)).one()
+        assert study.state == StudyState.received
+        assert study.NumberOfStudyRelatedInstances == len(study_files)
+        assert study.NumberOfStudyRelatedSeries == 1
+        assert study.ModalitiesInStudy == "CT"
+        assert study.patient.PatientName  # from the synthetic header
+        series = study.series[0]
+        assert (series.Modality, series.BodyPartExamined, series.origin) == ("CT", "HEAD", SeriesOrigin.received)
+        assert series.SliceThickness == 5.0
+        assert series.NumberOfSeriesRelatedInstances == len(study_files)
+        series_uid = series.SeriesInstanceUID
+
+    stored = receiver.archive.series_files(series_uid)
+    assert len(stored) == len(study_files)
+    for sent, kept in zip(study_files, stored):  # both in InstanceNumber order
+        assert dataset_bytes(kept) == dataset_bytes(sent), f"{kept} differs from {sent}"
+        assert kept.stat().st_size > 128 * 128 * 2
+
+
+def test_resend_is_acknowledged_and_stored_once(receiver: Receiver, study_files: list[Path]) -> None:
+    first = storescu(receiver.port, *study_files[:4])
+    again = storescu(receiver.port, *study_files[:4])
+    assert statuses(first) == statuses(again) == [0, 0, 0, 0]
+    with session_scope(receiver.archive.session_factory, readonly=True) as session:
+        assert session.scalar(select(func.count(Instance.id))) == 4
+        assert session.scalar(select(Study.NumberOfStudyRelatedInstances)) == 4
+    files = list((receiver.archive.data_dir / "files").rglob("*"))
+    assert len([f for f in files if f.is_file()]) == 4
+
+
+def test_unknown_calling_ae_rejected_allowed_accepted(tmp_path: Path, study_files: list[Path]) -> None:
+    from pipeline.archive import Archive
+    from pipeline.index.db import migrate
+    from pipeline.receiver import start_receiver
+    from tests.core.conftest import make_settings
+
+    settings = make_settings(tmp_path, allowed_aes=["CT_SCANNER"])
+    migrate(settings.index_url)
+    archive = Archive(settings)
+    server = start_receiver(settings, archive)
+    port = int(server.server_address[1])
+    try:
+        rejected = storescu(port, study_files[0], aet="INTRUDER")
+        assert rejected.returncode != 0
+        assert "Calling AE Title Not Recognized" in rejected.stdout + rejected.stderr
+        accepted = storescu(port, study_files[0], aet="CT_SCANNER")
+        assert accepted.returncode == 0 and statuses(accepted) == [0]
+        with session_scope(archive.session_factory, readonly=True) as session:
+            assert session.scalar(select(func.count(Instance.id))) == 1
+    finally:
+        server.shutdown()
+        archive.engine.dispose()
+
+
+def test_studies_cli_lists_state_and_counts(receiver: Receiver, study_files: list[Path], tmp_path: Path) -> None:
+    assert statuses(storescu(receiver.port, *study_files[:3])) == [0, 0, 0]
+    env = {**ENV, "RADTRIAGE_STORAGE__DATA_DIR": str(receiver.settings.storage.data_dir)}
+    out = subprocess.run([sys.executable, "-m", "pipeline", "studies", "--json"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [(r["state"], r["NumberOfStudyRelatedInstances"], r["ModalitiesInStudy"]) for r in rows] == [
+        ("received", 3, "CT")]
+    table = subprocess.run([sys.executable, "-m", "pipeline", "studies"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert rows[0]["StudyInstanceUID"] in table.stdout and "received" in table.stdout
+
+
+def test_series_lookup(receiver: Receiver, study_files: list[Path]) -> None:
+    assert statuses(storescu(receiver.port, *study_files[:2])) == [0, 0]
+    with session_scope(receiver.archive.session_factory, readonly=True) as session:
+        sop, series_uid = session.execute(select(Instance.SOPInstanceUID, Series.SeriesInstanceUID)
+                                          .join(Series).order_by(Instance.InstanceNumber)).first()
+    path = receiver.archive.path_of(sop)
+    assert path.is_file() and path.name == f"{sop}.dcm"
+    assert path.parent.name == series_uid
