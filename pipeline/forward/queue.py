@@ -254,12 +254,7 @@ def next_due_at(session: Session, *, exclude: Iterable[str] = ()) -> datetime | 
     excluded = set(exclude)
     if excluded:
         query = query.where(ForwardJob.destination_ae.not_in(excluded))
-    value = session.scalar(query)
-    if value is not None and value.tzinfo is None:  # func.min bypasses the column type on SQLite
-        from datetime import timezone
-
-        value = value.replace(tzinfo=timezone.utc)
-    return value
+    return session.scalar(query)  # min() keeps the column's UTCDateTime type: aware UTC
 
 
 def retry_now(session: Session, *, revive_dead: bool = True, destination_ae: str | None = None) -> int:
