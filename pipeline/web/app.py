@@ -57,6 +57,11 @@ def _local(when: datetime | None) -> str:
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S") if when else ""
 
 
+def _dicom_date(value: str) -> str:
+    """DICOM ``YYYYMMDD`` as ``YYYY-MM-DD`` (anything else unchanged)."""
+    return f"{value[:4]}-{value[4:6]}-{value[6:8]}" if len(value) == 8 and value.isdigit() else value
+
+
 def _person_name(value: str) -> str:
     """DICOM ``FAMILY^GIVEN`` as ``FAMILY, GIVEN``."""
     parts = [p for p in value.split("^") if p]
@@ -113,6 +118,7 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], archi
     templates.env.filters["relative_time"] = relative_time
     templates.env.filters["local_time"] = _local
     templates.env.filters["person_name"] = _person_name
+    templates.env.filters["dicom_date"] = _dicom_date
     ctx = WebContext(
         settings=settings,
         session_factory=session_factory,

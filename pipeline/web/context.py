@@ -49,13 +49,14 @@ class WebContext:
             log.exception("could not write audit record %s %s %s by %s", method, path, status_code, username)
 
 
-def study_instance(session: Session, study_uid: str, sop_instance_uid: str) -> tuple[Instance, Series] | None:
-    """The instance (and its series) when it belongs to the study, else ``None``."""
+def study_instance(session: Session, study_uid: str, sop_instance_uid: str) -> tuple[str, str] | None:
+    """``(SeriesInstanceUID, Modality)`` of the instance when it belongs to the study, else ``None``."""
     row = session.execute(
-        select(Instance, Series).join(Series, Instance.series_id == Series.id).join(Study, Series.study_id == Study.id)
+        select(Series.SeriesInstanceUID, Series.Modality).join(Instance, Instance.series_id == Series.id)
+        .join(Study, Series.study_id == Study.id)
         .where(Study.StudyInstanceUID == study_uid, Instance.SOPInstanceUID == sop_instance_uid)
     ).first()
-    return (row[0], row[1]) if row is not None else None
+    return (str(row[0]), str(row[1] or "")) if row is not None else None
 
 
 def series_slices(session: Session, series_uid: str) -> list[str]:

@@ -62,6 +62,9 @@ def login(request: Request, username: str = Form(""), password: str = Form(""), 
     ctx = _ctx(request)
     remote = request.client.host if request.client else ""
     request.state.audit_user = username
+    if not username.strip() or not password:
+        return _render(request, "login.html", status_code=400, next=_safe_next(next), username=username,
+                       error="Enter your user name and password.")
     try:
         with session_scope(ctx.session_factory) as session:
             user = ctx.authenticator.verify(session, username, password, remote)
@@ -148,17 +151,17 @@ def study_page(request: Request, study_uid: str, window: str = "", overlay: str 
         if not series_uid and received:
             series_uid = received[0].SeriesInstanceUID
         slices = series_slices(session, series_uid) if series_uid else []
-        series = next((s for s in received if s.SeriesInstanceUID == series_uid), None)
+        head_window = default_window([s.BodyPartExamined for s in received],
+                                     [item.StudyDescription] + [s.SeriesDescription for s in received])
     if key is not None and key.key_sop_instance_uid in slices:
         key_index = slices.index(key.key_sop_instance_uid)
     else:
         key_index = len(slices) // 2
     if window not in WINDOWS:
-        window = default_window([s.BodyPartExamined for s in received],
-                                [item.StudyDescription] + [s.SeriesDescription for s in received])
+        window = head_window
     if overlay not in OVERLAYS:
         overlay = "fill"
-    return _render(request, "study.html", item=item, slices=slices, key_index=key_index, series=series,
+    return _render(request, "study.html", item=item, slices=slices, key_index=key_index,
                    window=window, windows=WINDOWS, overlay=overlay, overlays=OVERLAYS)
 
 
@@ -179,7 +182,7 @@ def slice_image(request: Request, study_uid: str, sop_uid: str, window: str = "s
         if found is None:
             return Response("no such image in this study", status_code=404)
         item = get_worklist_item(session, study_uid)
-        series_uid = found[1].SeriesInstanceUID
+        series_uid = found[0]
     png = ctx.renderer.render_png(sop_uid, window=window, overlay=overlay, seg_uids=_seg_uids(item, series_uid))
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
@@ -195,7 +198,7 @@ def download_object(request: Request, study_uid: str, sop_uid: str) -> Response:
         return Response("no such object in this study", status_code=404)
     path = ctx.archive.path_of(sop_uid)
     return Response(path.read_bytes(), media_type="application/dicom",
-                    headers={"Content-Disposition": f'attachment; filename="{found[1].Modality or "obj"}_{sop_uid}.dcm"'})
+                    headers={"Content-Disposition": f'attachment; filename="{found[1] or "obj"}_{sop_uid}.dcm"'})
 
 
 def _mark(request: Request, study_uid: str, csrf: str, next_url: str, read: bool) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 
@@ -38,44 +39,54 @@ class WebServer:
         self._port = port if port is not None else settings.web.port
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
 
     @property
     def port(self) -> int:
         """The port listened on (the real one once started, also when 0 was asked)."""
-        server = self._server
-        if server is not None and server.started and server.servers:
-            return int(server.servers[0].sockets[0].getsockname()[1])
+        if self._socket is not None:
+            return int(self._socket.getsockname()[1])
         return self._port
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> None:
-        """Start serving in a background thread; return once the socket listens.
+        """Listen, then serve in a background thread; return once requests are answered.
 
         Raises
         ------
         ConfigError
-            When the port cannot be bound (in use, or not allowed).
+            When the address cannot be bound (port in use, or not allowed).
         """
         from pipeline.web.app import create_app
 
         app = create_app(self.settings, self.session_factory, self.archive)
-        config = uvicorn.Config(app, host=self.host, port=self._port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=5, server_header=False, lifespan="off")
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self._port))
+            sock.listen(128)
+        except OSError as err:
+            sock.close()
+            raise ConfigError(f"web server could not listen on {self.host}:{self._port} ({err.strerror}); "
+                              "set [web] bind/port (or RADTRIAGE_WEB__PORT) to a free address") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._socket = sock
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                                server_header=False, lifespan="off")
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="radtriage-web", daemon=True)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
+                                        name="radtriage-web", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
-            if not self._thread.is_alive():
-                raise ConfigError(f"web server could not listen on {self.host}:{self._port}; "
-                                  "set [web] bind/port (or RADTRIAGE_WEB__PORT) to a free port")
-            if time.monotonic() > deadline:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                raise ConfigError(f"web server did not start within {timeout:.0f} s on {self.host}:{self._port}")
+                raise ConfigError(f"web server on {self.host}:{self.port} did not start; see the log above")
             time.sleep(0.02)
         log.info("worklist at %s", self.url)
         from pipeline.index.db import session_scope
@@ -94,6 +105,9 @@ class WebServer:
             if self._thread.is_alive():
                 log.warning("web server thread did not stop within %.0f s", timeout)
         self._thread = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     def __enter__(self) -> WebServer:
         self.start()
