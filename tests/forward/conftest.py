@@ -36,15 +36,16 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     """Write a config file like an administrator would, and load it.
 
     ``make_settings(destinations, max_attempts=3, ...)``: the destinations as dicts,
-    keyword arguments go to ``[forward]``. The file is ``tmp_path / "radtriage.toml"``.
+    other keyword arguments go to ``[forward]``; ``network_timeout`` is
+    ``dicom.network_timeout_seconds``. The file is ``tmp_path / "radtriage.toml"``.
     """
 
-    def make(destinations: list[dict[str, Any]], **forward: Any) -> Settings:
+    def make(destinations: list[dict[str, Any]], *, network_timeout: float = 2.0, **forward: Any) -> Settings:
         forward = {"backoff_seconds": 0.2, "backoff_max_seconds": 1.0, "max_attempts": 5, **forward}
         lines = [
             "[dicom]",
             'ae_title = "RADTRIAGE"',
-            "network_timeout_seconds = 2.0",
+            f"network_timeout_seconds = {network_timeout}",
             "[storage]",
             f"data_dir = {json.dumps(str(tmp_path / 'data'))}",
             "fsync = false",
