@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -34,7 +35,8 @@ def _user(request: Request) -> AuthUser:
 
 def _safe_next(target: str | None) -> str:
     # Only local paths: never redirect a login to another site.
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+    if (target and target.startswith("/") and not target.startswith("//")
+            and all(c.isprintable() and not c.isspace() and c != "\\" for c in target)):
         return target
     return "/worklist"
 
@@ -127,10 +129,16 @@ def worklist_page(request: Request, status: str = "", priority: str = "", modali
                    statuses=[s.value for s in AIStatus], priorities=PRIORITIES, poll_seconds=POLL_SECONDS)
 
 
-@router.get("/worklist/rows", response_class=HTMLResponse)
-def worklist_rows(request: Request, status: str = "", priority: str = "", modality: str = "", q: str = "") -> HTMLResponse:
+@router.get("/worklist/rows")
+def worklist_rows(request: Request, status: str = "", priority: str = "", modality: str = "", q: str = "") -> Response:
     items = _worklist_items(_ctx(request), _filters(status, priority, modality, q))
-    return _render(request, "_rows.html", items=items)
+    response = _render(request, "_rows.html", items=items)
+    # The page polls this every few seconds: answer 304 when nothing it shows changed.
+    etag = '"' + hashlib.sha256(bytes(response.body)).hexdigest()[:32] + '"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    response.headers["ETag"] = etag
+    return response
 
 
 @router.get("/studies/{study_uid}", response_class=HTMLResponse)

@@ -146,3 +146,15 @@ def test_accesses_are_audited_and_audit_is_admin_only(web: WebEnv) -> None:
         events = admin.get("/api/audit", params={"study": uid, "username": "alice"}).json()["events"]
     assert any(e["path"] == f"/studies/{uid}" and e["status_code"] == 200 and e["remote_addr"] == "127.0.0.1"
                for e in events)
+
+
+def test_live_rows_answer_304_when_nothing_changed(web: WebEnv) -> None:
+    with httpx.Client(base_url=web.url, follow_redirects=False) as client:
+        client.post("/login", data={"username": "alice", "password": PASSWORD})
+        first = client.get("/worklist/rows")
+        assert first.status_code == 200 and web.bleed.StudyInstanceUID in first.text
+        again = client.get("/worklist/rows", headers={"If-None-Match": first.headers["etag"]})
+        assert again.status_code == 304 and again.content == b""
+        forged = client.post(f"/api/studies/{web.pending.StudyInstanceUID}/read", headers={"X-CSRF-Token": "wrong"})
+        assert forged.status_code == 403  # a cookie session must show the page's token
+        assert client.get("/worklist/rows", headers={"If-None-Match": first.headers["etag"]}).status_code == 304

@@ -163,4 +163,5 @@ def test_new_critical_study_appears_on_top_without_reload(page: object, web: Web
         f"() => {{ const r = document.querySelector('#rows tr.row'); return r && r.dataset.uid === '{new.StudyInstanceUID}'; }}",
         timeout=10_000)
     assert page.evaluate("() => window.__noReload") is True  # type: ignore[attr-defined]
-    assert "flash" in (page.locator("#rows tr.row").first.get_attribute("class") or "")  # type: ignore[attr-defined]
+    classes = page.locator("#rows tr.row").first.get_attribute("class") or ""
+    assert "flash" in classes and "fresh" in classes  # type: ignore[attr-defined]

@@ -9,18 +9,23 @@
   const seconds = Number(tbody.dataset.pollSeconds || "3");
   const rank = { critical: 2, urgent: 1, routine: 0 };
   const known = new Map();
+  let etag = null;
+  const fresh = new Map();  // newly flagged studies stay marked for a while
+  const FRESH_MS = 5 * 60 * 1000;
   const remember = () => tbody.querySelectorAll("tr.row").forEach((tr) => known.set(tr.dataset.uid, tr.dataset.priority));
   remember();
 
   async function poll() {
     try {
+      const headers = { Accept: "text/html" };
+      if (etag) headers["If-None-Match"] = etag;
       const response = await fetch(tbody.dataset.pollUrl + window.location.search,
-        { credentials: "same-origin", headers: { Accept: "text/html" }, cache: "no-store" });
+        { credentials: "same-origin", headers: headers, cache: "no-store" });
       if (response.redirected || response.status === 401) { window.location.reload(); return; }
-      if (!response.ok) throw new Error("HTTP " + response.status);
-      const html = await response.text();
-      if (html !== tbody.dataset.last) {
-        tbody.dataset.last = html;
+      if (response.status !== 304 && !response.ok) throw new Error("HTTP " + response.status);
+      if (response.status !== 304) {
+        etag = response.headers.get("ETag");
+        const html = await response.text();
         const focused = document.activeElement && document.activeElement.closest("tr.row");
         const focusedUid = focused ? focused.dataset.uid : null;
         tbody.innerHTML = html;
@@ -29,7 +34,10 @@
           const now = tr.dataset.priority;
           if (now !== "routine" && tr.dataset.read === "no" && (before === undefined || rank[now] > rank[before])) {
             tr.classList.add("flash");
+            fresh.set(tr.dataset.uid, Date.now());
           }
+          const since = fresh.get(tr.dataset.uid);
+          if (since && Date.now() - since < FRESH_MS) tr.classList.add("fresh");
         });
         remember();
         if (focusedUid) {
@@ -44,7 +52,6 @@
       live.classList.add("stale");
     }
   }
-  tbody.dataset.last = "";
   setInterval(poll, seconds * 1000);
 
   form.querySelectorAll("select").forEach((s) => s.addEventListener("change", () => form.submit()));
