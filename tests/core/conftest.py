@@ -135,6 +135,18 @@ class ServeProcess:
         self.log.extend(out)
         return "".join(out)
 
+    def wait_log(self, pattern: str, timeout: float = 30.0) -> str:
+        """Block until the server has logged a line matching ``pattern``; return the log."""
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, "".join(self.log)):
+            assert time.monotonic() < deadline, f"server never logged {pattern!r}:\n" + "".join(self.log)
+            assert self.proc is not None and self.proc.stdout is not None
+            if select.select([self.proc.stdout], [], [], 0.2)[0]:
+                line = self.proc.stdout.readline()
+                if line:
+                    self.log.append(line)
+        return "".join(self.log)
+
     def kill(self, sig: int = signal.SIGKILL) -> int:
         if self.proc is None:
             return 0
