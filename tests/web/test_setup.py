@@ -20,7 +20,7 @@ from pipeline.index.db import create_index_engine, migrate
 from pipeline.index.schema import Base
 from pipeline.web import WebServer
 
-from .conftest import PASSWORD, WebEnv
+from .conftest import WebEnv
 
 REPO = Path(__file__).resolve().parents[2]
 
