@@ -11,6 +11,7 @@ from alembic import context
 from pipeline.index.db import create_index_engine
 from pipeline.index.schema import Base
 import pipeline.index.triage  # noqa: F401,E402 - registers the triage tables for autogenerate
+import pipeline.index.web  # noqa: F401,E402 - and the web tables
 
 config = context.config
 target_metadata = Base.metadata
