@@ -79,6 +79,8 @@ class IndexSettings(_Section):
 
 
 class TriageSettings(_Section):
+    # false: archive only (receiver, sweep, forwarder, web); no Prefect, no models
+    enabled: bool = True
     stable_age_seconds: float = Field(10.0, ge=0)
     sweep_interval_seconds: float = Field(1.0, gt=0)
     # Flow runs executed at once by this process's worker; inference inside them is

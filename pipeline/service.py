@@ -90,12 +90,16 @@ def _stability(ctx: ServiceContext) -> Component:
 
 
 def _prefect(ctx: ServiceContext) -> Component | None:
+    if not ctx.settings.triage.enabled:
+        return None
     from flows.serve import embedded_prefect  # Prefect stays out of the receiver's imports
 
     return embedded_prefect(ctx)
 
 
-def _triage(ctx: ServiceContext) -> Component:
+def _triage(ctx: ServiceContext) -> Component | None:
+    if not ctx.settings.triage.enabled:
+        return None
     from flows.serve import triage
 
     return triage(ctx)
