@@ -91,10 +91,9 @@ def session_scope(factory: sessionmaker[Session] | Engine, *, readonly: bool = F
         if readonly:
             session.connection(execution_options={_READONLY: True})
         yield session
-        if readonly:
-            session.rollback()
-        else:
+        if not readonly:
             session.commit()
+        # read-only: close() below ends the transaction and keeps loaded objects usable
     except BaseException:
         session.rollback()
         raise
