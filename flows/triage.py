@@ -18,7 +18,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
 from pipeline import analysis
-from pipeline.errors import TransientError
+from pipeline.errors import TransientError, describe_error
 from pipeline.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ def triage_study(study_uid: str, revision: int = 1) -> dict[str, Any]:
     try:
         planned_models = plan_models(study_uid)
     except Exception as err:  # noqa: BLE001 - e.g. the model registry cannot be read
-        logger.error("cannot plan models for study %s: %s", study_uid, err)
-        record_failure(study_uid, revision, "radtriage", "-", f"{type(err).__name__}: {err}")
+        logger.error("cannot plan models for study %s: %s", study_uid, describe_error(err))
+        record_failure(study_uid, revision, "radtriage", "-", describe_error(err))
         planned_models = []
     for planned in planned_models:
         name, version = planned["model_name"], planned["model_version"]
@@ -98,8 +98,9 @@ def triage_study(study_uid: str, revision: int = 1) -> dict[str, Any]:
             path, step_timings = run_inference(study_uid, revision, name, planned["series_instance_uid"])
             stored = store_results(study_uid, revision, path)
         except Exception as err:  # noqa: BLE001 - a model failure must not hide the study
-            logger.error("model %s %s failed on study %s: %s", name, version, study_uid, err)
-            record_failure(study_uid, revision, name, version, f"{type(err).__name__}: {err}")
+            reason = describe_error(err)
+            logger.error("model %s %s failed on study %s: %s", name, version, study_uid, reason)
+            record_failure(study_uid, revision, name, version, reason)
             continue
         for key, seconds in [*step_timings.items(), *stored["timings"].items()]:
             timings[key] = timings.get(key, 0.0) + seconds

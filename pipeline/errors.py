@@ -22,3 +22,18 @@ class TransientError(RadtriageError):
 
 class PermanentError(RadtriageError):
     """A failure that will not pass by retrying: report it, never retry."""
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for people: the error and, when it wraps another, the root cause.
+
+    Libraries wrap the real reason (MONAI: "applying transform ..."); the worklist
+    should show what went wrong, not only where.
+    """
+    text = f"{type(err).__name__}: {err}"
+    root = err
+    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+    if root is not err:
+        text += f" (cause: {type(root).__name__}: {root})"
+    return text

@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.phantom.generator import volume_generator
     from pipeline.synth import synth_study
 
     if args.to:
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for i in range(args.studies):
             finding, seed = DEMO_CASES[i % len(DEMO_CASES)]
             seed += 10 * (i // len(DEMO_CASES))
-            files = synth_study(Path(tmp) / str(i), seed=seed, slices=args.slices, finding=finding)
+            files = synth_study(Path(tmp) / str(i), seed=seed, slices=args.slices, volume=volume_generator(finding))
             report = send_files(files, ae_title, host, port, calling_ae=args.calling_ae)
             outcome = "sent" if not report.failed else f"{len(report.failed)} FAILED ({next(iter(report.failed.values()))})"
             print(f"study {i + 1}: {finding:<10} {len(report.sent)}/{len(files)} images {outcome} to {ae_title}@{host}:{port}")
