@@ -32,11 +32,14 @@ def free_port() -> int:
 
 
 class RadtriageServer:
-    """One radtriage installation in ``folder``, run as ``radtriage serve``."""
+    """One radtriage installation in ``folder``, run as ``radtriage serve``.
+
+    ``prefect_api_url`` None lets it start its own embedded Prefect server.
+    """
 
     ae_title = "RADTRIAGE"
 
-    def __init__(self, folder: Path, *, prefect_api_url: str, env: dict[str, str] | None = None,
+    def __init__(self, folder: Path, *, prefect_api_url: str | None, env: dict[str, str] | None = None,
                  user: tuple[str, str] = ("alice", "correct horse battery")) -> None:
         self.folder = Path(folder)
         self.dicom_port = free_port()
@@ -53,9 +56,13 @@ class RadtriageServer:
             RADTRIAGE_TRIAGE__STABLE_AGE_SECONDS="1",
             RADTRIAGE_TRIAGE__SWEEP_INTERVAL_SECONDS="0.2",
             RADTRIAGE_MODELS__DIR=str(REPO / "models"),
-            PREFECT_API_URL=prefect_api_url,
             TCP_NODELAY="1",
         )
+        if prefect_api_url:
+            self.env["PREFECT_API_URL"] = prefect_api_url
+        else:  # radtriage serve starts its embedded Prefect server, as `make run` does
+            self.env.pop("PREFECT_API_URL", None)
+            self.env["RADTRIAGE_TRIAGE__EMBEDDED_PREFECT_PORT"] = "0"
         self.env.update(env or {})
         self.process: subprocess.Popen[bytes] | None = None
 
