@@ -162,7 +162,9 @@ def write_config(path: Path, data_dir: Path, *, index_url: str = "", allowed: st
         f'[dicom]\nbind = "{HOST}"\nport = 0\nallowed_aes = {allowed}\n'
         f'[storage]\ndata_dir = "{data_dir}"\n'
         f'[index]\nurl = "{index_url}"\n'
-        f'[triage]\nstable_age_seconds = 3600\n')
+        f'[web]\nbind = "{HOST}"\nport = 0\n'
+        # The archive alone: these tests need neither Prefect nor models.
+        f'[triage]\nenabled = false\nstable_age_seconds = 3600\n')
     return path
 
 
