@@ -75,13 +75,13 @@ def load_model(model: RegisteredModel, device: str = "auto") -> LoadedModel:
     import torch
     from monai.bundle import ConfigParser
 
+    _check_inside(model)
     device = resolve_device(device)
     weights = model.path / WEIGHTS
     key = (str(model.path.resolve()), model.version, device, weights.stat().st_mtime)
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
-        _check_inside(model)
         started = time.perf_counter()
         parser = ConfigParser()
         parser.read_config(str(model.path / "configs" / "inference.json"))

@@ -93,29 +93,34 @@ def series_from_files(paths: Iterable[Path | str]) -> list[SeriesInfo]:
 
 def rejection_reason(rules: "SeriesRules", series: SeriesInfo) -> str | None:
     """Why ``series`` does not match ``rules``, or ``None`` when it does."""
-    if rules.modality and series.modality not in rules.modality:
-        return f"Modality {series.modality or '(none)'} not in {rules.modality}"
+    # Tolerant when reading: the index or a header may give other case or None.
+    modality = (series.modality or "").strip().upper()
+    body_part = (series.body_part_examined or "").strip().upper()
+    description = series.series_description or ""
+    image_type = tuple(str(v).strip().upper() for v in series.image_type or ())
+    if rules.modality and modality not in rules.modality:
+        return f"Modality {modality or '(none)'} not in {rules.modality}"
     if rules.body_part_examined:
-        if not series.body_part_examined:
+        if not body_part:
             if not rules.body_part_missing_ok:
                 return "no BodyPartExamined"
-        elif series.body_part_examined not in rules.body_part_examined:
-            return f"BodyPartExamined {series.body_part_examined} not in {rules.body_part_examined}"
-    if rules.series_description and not re.search(rules.series_description, series.series_description):
-        return f"SeriesDescription {series.series_description!r} does not match {rules.series_description!r}"
-    if rules.series_description_exclude and re.search(rules.series_description_exclude, series.series_description):
-        return f"SeriesDescription {series.series_description!r} matches exclude {rules.series_description_exclude!r}"
-    missing = [v for v in rules.image_type_required if v not in series.image_type]
+        elif body_part not in rules.body_part_examined:
+            return f"BodyPartExamined {body_part} not in {rules.body_part_examined}"
+    if rules.series_description and not re.search(rules.series_description, description):
+        return f"SeriesDescription {description!r} does not match {rules.series_description!r}"
+    if rules.series_description_exclude and re.search(rules.series_description_exclude, description):
+        return f"SeriesDescription {description!r} matches exclude {rules.series_description_exclude!r}"
+    missing = [v for v in rules.image_type_required if v not in image_type]
     if missing:
-        return f"ImageType {'/'.join(series.image_type)} lacks {missing}"
-    excluded = [v for v in rules.image_type_excluded if v in series.image_type]
+        return f"ImageType {'/'.join(image_type)} lacks {missing}"
+    excluded = [v for v in rules.image_type_excluded if v in image_type]
     if excluded:
-        return f"ImageType {'/'.join(series.image_type)} has {excluded}"
+        return f"ImageType {'/'.join(image_type)} has {excluded}"
     if series.number_of_instances < rules.min_slices:
         return f"{series.number_of_instances} slices < {rules.min_slices}"
     if rules.max_slices is not None and series.number_of_instances > rules.max_slices:
         return f"{series.number_of_instances} slices > {rules.max_slices}"
-    thickness = series.slice_thickness
+    thickness = _float(series.slice_thickness)
     if rules.slice_thickness_mm is not None:
         low, high = rules.slice_thickness_mm.min, rules.slice_thickness_mm.max
         if thickness is None:
@@ -126,7 +131,8 @@ def rejection_reason(rules: "SeriesRules", series: SeriesInfo) -> str | None:
 
 
 def _preference_key(rules: "SeriesRules", series: SeriesInfo) -> tuple:
-    thickness = series.slice_thickness if series.slice_thickness is not None else float("inf")
+    thickness = _float(series.slice_thickness)
+    thickness = thickness if thickness is not None else float("inf")
     keys: list[float] = []
     for how in rules.prefer:
         if how == "closest_thickness":

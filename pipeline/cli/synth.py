@@ -12,8 +12,13 @@ from pipeline.config import Settings
 def _synth(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.synth import VOLUME_GENERATORS, synth_study
 
+    volume = VOLUME_GENERATORS[args.phantom]
+    if args.finding is not None:
+        from pipeline.phantom.generator import volume_generator
+
+        volume = volume_generator(args.finding)
     paths = synth_study(Path(args.out), seed=args.seed, slices=args.slices, rows=args.rows, cols=args.cols,
-                        volume=VOLUME_GENERATORS[args.phantom])
+                        volume=volume)
     print(f"wrote {len(paths)} CT images to {args.out}")
     return 0
 
@@ -29,4 +34,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--cols", type=int, default=512)
     parser.add_argument("--phantom", choices=sorted(VOLUME_GENERATORS), default="head",
                         help="volume generator (default head)")
+    parser.add_argument("--finding", choices=["hemorrhage", "none"],
+                        help="realistic head CT from real atlas anatomy (pipeline.phantom), with or without an "
+                             "acute intracranial hemorrhage; replaces --phantom")
     parser.set_defaults(func=_synth)

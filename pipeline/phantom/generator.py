@@ -179,3 +179,17 @@ def case_volume(case: PhantomCase, *, seed: int | str = 0) -> "Volume":
         series_instance_uid=series,
         modality="CT",
     )
+
+
+def volume_generator(finding: Finding, kinds: list[BleedKind | str] | None = None):  # type: ignore[no-untyped-def]
+    """A ``pipeline.synth`` volume generator ``(shape, spacing, rng) -> HU`` drawing on this phantom."""
+
+    def generate(shape: tuple[int, int, int], spacing: tuple[float, float, float],
+                 rng: np.random.Generator) -> np.ndarray:
+        if abs(spacing[1] - spacing[2]) > 1e-6:
+            raise ValueError(f"the head phantom needs square pixels, got row/column spacing {spacing[1:]}")
+        volume, _, _ = make_head_ct(int(rng.integers(2**31)), finding, kinds=kinds, slices=shape[0], rows=shape[1],
+                                    columns=shape[2], slice_thickness=spacing[0], pixel_spacing=spacing[1])
+        return volume
+
+    return generate
