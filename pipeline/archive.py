@@ -30,7 +30,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, bindparam, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -49,6 +49,9 @@ FILES_DIR = "files"
 TMP_SUFFIX = ".tmp"
 DERIVED_MARK = b"RADTRIAGE DERIVED"
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+_PATH_OF = select(Instance.__table__.c.path).where(Instance.__table__.c.SOPInstanceUID == bindparam("b_sop"))
 
 
 class OutOfResourcesError(TransientError):
@@ -222,9 +225,8 @@ class Archive:
         try:
             for attempt in range(3):
                 try:
-                    with session_scope(self.session_factory) as session:
-                        existing = session.scalar(
-                            select(Instance.path).where(Instance.SOPInstanceUID == header.SOPInstanceUID))
+                    with self.engine.begin() as conn:
+                        existing = conn.execute(_PATH_OF, {"b_sop": header.SOPInstanceUID}).scalar()
                         if existing is not None and (renamed or (self.data_dir / existing).exists()):
                             log.info("SOP Instance %s already stored; resend acknowledged, not stored again",
                                      header.SOPInstanceUID)
@@ -235,7 +237,7 @@ class Archive:
                             if self.fsync:
                                 _fsync_dir(final.parent)
                         if existing is None:
-                            record_instance(session, header, path=rel, transfer_syntax=transfer_syntax,
+                            record_instance(conn, header, path=rel, transfer_syntax=transfer_syntax,
                                             size=size, now=utcnow(), derived=derived)
                         else:
                             log.warning("SOP Instance %s was indexed but its file was missing; file restored",
@@ -305,9 +307,9 @@ class Archive:
         """Index a file already in place (crash recovery); ``False`` if already indexed."""
         for attempt in range(3):
             try:
-                with session_scope(self.session_factory) as session:
-                    return record_instance(session, header, path=rel, transfer_syntax=transfer_syntax,
-                                       size=size, now=utcnow(), derived=derived)
+                with self.engine.begin() as conn:
+                    return record_instance(conn, header, path=rel, transfer_syntax=transfer_syntax,
+                                           size=size, now=utcnow(), derived=derived)
             except IntegrityError:
                 if attempt == 2:
                     raise

@@ -14,7 +14,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, insert, select, update
+from sqlalchemy import Connection, String, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.header import InstanceHeader
@@ -74,44 +74,60 @@ def _study(session: Session, header: InstanceHeader, now: datetime, derived: boo
     return study
 
 
-def record_instance(session: Session, header: InstanceHeader, *, path: str, transfer_syntax: str,
+_instance, _series, _study_t = Instance.__table__, Series.__table__, Study.__table__
+# Built once: the per-image statements (SQLAlchemy then only looks them up in its cache).
+_FIND_INSTANCE = select(_instance.c.id).where(_instance.c.SOPInstanceUID == bindparam("b_sop"))
+_FIND_SERIES = (select(_series.c.id, _series.c.study_id, _study_t.c.StudyInstanceUID, _study_t.c.state)
+                .join(_study_t, _series.c.study_id == _study_t.c.id)
+                .where(_series.c.SeriesInstanceUID == bindparam("b_series")))
+_ADD_INSTANCE = insert(_instance)
+_COUNT_SERIES = (update(_series).where(_series.c.id == bindparam("b_id"))
+                 .values(NumberOfSeriesRelatedInstances=_series.c.NumberOfSeriesRelatedInstances + 1,
+                         last_received_at=bindparam("b_now")))
+_COUNT_STUDY_DERIVED = (update(_study_t).where(_study_t.c.id == bindparam("b_id"))
+                        .values(NumberOfStudyRelatedInstances=_study_t.c.NumberOfStudyRelatedInstances + 1))
+_COUNT_STUDY_RECEIVED = _COUNT_STUDY_DERIVED.values(last_received_at=bindparam("b_now"))
+_REOPEN_STUDY = _COUNT_STUDY_RECEIVED.values(state=StudyState.received, state_changed_at=bindparam("b_now"))
+
+
+def is_indexed(conn: Connection, sop_instance_uid: str) -> bool:
+    """Whether ``sop_instance_uid`` has an index row."""
+    return conn.execute(_FIND_INSTANCE, {"b_sop": sop_instance_uid}).first() is not None
+
+
+def record_instance(conn: Connection, header: InstanceHeader, *, path: str, transfer_syntax: str,
                     size: int, now: datetime, derived: bool = False) -> bool:
     """Add one instance to the index; return ``False`` if its SOP Instance UID is known.
 
-    The caller commits. Concurrent creation of the same study or series by two
-    associations surfaces as an ``IntegrityError``; the caller retries. The common case
-    (an instance of a series already indexed) runs as four plain statements, since it
-    runs once per received image.
+    Runs in the caller's transaction on ``conn``; the caller commits. Concurrent
+    creation of the same study or series by two associations surfaces as an
+    ``IntegrityError``; the caller retries. The common case (an instance of a series
+    already indexed) is four prepared statements, since it runs once per received image.
     """
-    if session.scalar(select(Instance.id).where(Instance.SOPInstanceUID == header.SOPInstanceUID)) is not None:
+    if is_indexed(conn, header.SOPInstanceUID):
         return False
-    row = session.execute(
-        select(Series.id, Series.study_id, Study.StudyInstanceUID, Study.state)
-        .join(Study, Series.study_id == Study.id)
-        .where(Series.SeriesInstanceUID == header.SeriesInstanceUID)).first()
+    row = conn.execute(_FIND_SERIES, {"b_series": header.SeriesInstanceUID}).first()
     if row is None:
-        _record_in_new_series(session, header, path=path, transfer_syntax=transfer_syntax, size=size,
-                              now=now, derived=derived)
+        with Session(bind=conn) as session:
+            _record_in_new_series(session, header, path=path, transfer_syntax=transfer_syntax, size=size,
+                                  now=now, derived=derived)
         return True
     if row.StudyInstanceUID != header.StudyInstanceUID:
         log.warning("instance %s names study %s but its series %s belongs to study %s; indexed under the latter",
                     header.SOPInstanceUID, header.StudyInstanceUID, header.SeriesInstanceUID, row.StudyInstanceUID)
-    no_sync = {"synchronize_session": False}
-    session.execute(insert(Instance).values(
-        SOPInstanceUID=header.SOPInstanceUID, SOPClassUID=header.SOPClassUID, series_id=row.id,
-        InstanceNumber=header.get("InstanceNumber", None), TransferSyntaxUID=transfer_syntax,
-        path=path, size=size, received_at=now))
-    session.execute(update(Series).where(Series.id == row.id).values(
-        NumberOfSeriesRelatedInstances=Series.NumberOfSeriesRelatedInstances + 1,
-        last_received_at=now).execution_options(**no_sync))
-    values: dict[str, Any] = {"NumberOfStudyRelatedInstances": Study.NumberOfStudyRelatedInstances + 1}
-    if not derived:
-        values["last_received_at"] = now
-        if StudyState(row.state) != StudyState.received:
-            log.info("study %s was %s; a late instance returns it to received", row.StudyInstanceUID,
-                     StudyState(row.state).value)
-            values.update(state=StudyState.received, state_changed_at=now)
-    session.execute(update(Study).where(Study.id == row.study_id).values(**values).execution_options(**no_sync))
+    conn.execute(_ADD_INSTANCE, {
+        "SOPInstanceUID": header.SOPInstanceUID, "SOPClassUID": header.SOPClassUID, "series_id": row.id,
+        "InstanceNumber": header.get("InstanceNumber", None), "TransferSyntaxUID": transfer_syntax,
+        "path": path, "size": size, "received_at": now})
+    conn.execute(_COUNT_SERIES, {"b_id": row.id, "b_now": now})
+    if derived:
+        conn.execute(_COUNT_STUDY_DERIVED, {"b_id": row.study_id})
+    elif StudyState(row.state) != StudyState.received:
+        log.info("study %s was %s; a late instance returns it to received", row.StudyInstanceUID,
+                 StudyState(row.state).value)
+        conn.execute(_REOPEN_STUDY, {"b_id": row.study_id, "b_now": now})
+    else:
+        conn.execute(_COUNT_STUDY_RECEIVED, {"b_id": row.study_id, "b_now": now})
     return True
 
 
