@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial.distance import pdist
 
 from pipeline.findings import Finding
 from pipeline.volume import Volume
@@ -41,22 +42,23 @@ def max_diameter_mm(mask: np.ndarray, volume: Volume) -> float:
     if not mask.any():
         return 0.0
     labels, count = components(mask)
-    if count > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        mask = labels == int(np.argmax(sizes))
-    surface = mask & ~ndi.binary_erosion(mask)
-    points = volume.index_to_lps(np.argwhere(surface))
-    if len(points) == 1:
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    largest = int(np.argmax(sizes))
+    box = ndi.find_objects(labels)[largest - 1]
+    blob = np.pad(labels[box] == largest, 1)
+    surface = blob & ~ndi.binary_erosion(blob)
+    offset = np.array([s.start - 1 for s in box])
+    points = volume.index_to_lps(np.argwhere(surface) + offset)
+    if len(points) < 2:
         return 0.0
     try:
         points = points[ConvexHull(points, qhull_options="QJ").vertices]
     except QhullError:
         pass  # flat or tiny: few points, compare them all
-    if len(points) > 3000:
-        points = points[:: len(points) // 3000 + 1]
-    diffs = points[:, None, :] - points[None, :, :]
-    return float(np.sqrt((diffs**2).sum(-1)).max())
+    if len(points) > 4000:
+        points = points[:: len(points) // 4000 + 1]
+    return float(pdist(points).max())
 
 
 def make_finding(probability_map: np.ndarray, volume: Volume, spec: FindingSpec) -> Finding:
