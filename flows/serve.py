@@ -16,7 +16,7 @@ from uuid import UUID
 
 from prefect.context import refresh_global_settings_context
 
-from pipeline.dispatch import Dispatcher
+from pipeline.dispatch import Dispatcher, recover_interrupted
 from pipeline.orchestrator import LocalPrefectServer
 from pipeline.runtime import Runtime, set_runtime
 from pipeline.service import ServiceContext
@@ -34,11 +34,13 @@ class TriageOrchestration:
         runtime: Runtime,
         *,
         dispatch: bool = True,
+        embedded: bool = False,
         max_parallel_flows: int = 2,
         inference_slots: int = 1,
         poll_interval: float = 2.0,
     ) -> None:
         self.runtime = runtime
+        self.embedded = embedded
         self.inference_slots = inference_slots
         self.max_parallel_flows = max_parallel_flows
         self.poll_interval = poll_interval
@@ -76,6 +78,12 @@ class TriageOrchestration:
                 delay = min(delay * 2, 30.0)
         if self._stop.is_set() or self.deployment_id is None:
             return
+        if self.dispatcher is not None:
+            try:
+                # Embedded: this process is the only worker, so a run left running is dead.
+                recover_interrupted(self.runtime.session_factory, running_is_stale_after=0 if self.embedded else 3600)
+            except Exception:  # noqa: BLE001 - recovery is best effort; the studies stay dispatched
+                log.exception("could not check for interrupted triage runs")
         self.worker = InProcessWorker(
             self.deployment_id, max_parallel=self.max_parallel_flows, poll_interval=self.poll_interval
         )
@@ -116,6 +124,7 @@ def embedded_prefect(ctx: ServiceContext) -> EmbeddedPrefect | None:
     if os.environ.get("PREFECT_API_URL"):
         log.info("using the Prefect API at %s", os.environ["PREFECT_API_URL"])
         return None
+    ctx.extras["embedded_prefect"] = True
     return EmbeddedPrefect(Path(ctx.settings.storage.data_dir) / "prefect", ctx.settings.triage.embedded_prefect_port)
 
 
@@ -125,7 +134,8 @@ def triage(ctx: ServiceContext, *, dispatch: bool = True) -> TriageOrchestration
     set_runtime(runtime)
     settings = ctx.settings.triage
     orchestration = TriageOrchestration(
-        runtime, dispatch=dispatch, max_parallel_flows=settings.max_parallel_flows,
+        runtime, dispatch=dispatch, embedded="embedded_prefect" in ctx.extras,
+        max_parallel_flows=settings.max_parallel_flows,
         inference_slots=settings.inference_slots,
     )
     ctx.extras["triage"] = orchestration

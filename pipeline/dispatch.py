@@ -19,7 +19,7 @@ from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from pipeline.index.db import session_scope
 from pipeline.index.schema import Study, StudyState
@@ -150,3 +150,51 @@ class Dispatcher:
             session.add(entry)
         log.info("dispatched study %s revision %d as flow run %s", study_uid, revision, flow_run.id)
         return True
+
+
+def recover_interrupted(session_factory: sessionmaker[Session], *, running_is_stale_after: float | None) -> list[str]:
+    """Send back to ``stable`` the studies whose flow run can no longer finish.
+
+    A flow run ends Crashed, Failed or Cancelled without recording results when the
+    process that ran it died (``kill -9``, power loss). At start the study is then
+    dispatched again as a new revision. A run still *Running* is taken as dead when it
+    started more than ``running_is_stale_after`` seconds ago; ``0`` treats every running
+    run as dead (one-machine installs, where this process is the only worker) and
+    ``None`` never does. Scheduled and pending runs are left for a worker to pick up.
+    """
+    from datetime import datetime, timezone
+
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    other = aliased(TriageRun)
+    latest = select(func.max(other.revision)).where(other.study_id == Study.id).scalar_subquery()
+    with session_scope(session_factory, readonly=True) as session:
+        rows = session.execute(
+            select(Study.StudyInstanceUID, TriageRun.flow_run_id)
+            .join(TriageRun, TriageRun.study_id == Study.id)
+            .where(Study.state == StudyState.dispatched, TriageRun.revision == latest)
+        ).all()
+    recovered: list[str] = []
+    now = datetime.now(timezone.utc)
+    with get_client(sync_client=True) as client:
+        for study_uid, flow_run_id in rows:
+            try:
+                state = client.read_flow_run(flow_run_id).state if flow_run_id else None
+            except ObjectNotFound:  # the Prefect database was reset: the run is gone
+                state = None
+            if state is not None and (state.is_scheduled() or state.is_pending()):
+                continue
+            if state is not None and state.is_running():
+                age = (now - state.timestamp).total_seconds()
+                if running_is_stale_after is None or age < running_is_stale_after:
+                    continue
+                client.set_flow_run_state(flow_run_id, Crashed(message="radtriage restarted while this run was running"), force=True)
+            with session_scope(session_factory) as session:
+                study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
+                if study is not None and study.state == StudyState.dispatched:
+                    study.set_state(StudyState.stable)
+                    recovered.append(study_uid)
+            log.warning("study %s: flow run %s ended %s without results; dispatching it again", study_uid,
+                        flow_run_id, state.type.value if state is not None else "unknown")
+    return recovered

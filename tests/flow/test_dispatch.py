@@ -82,3 +82,32 @@ def test_a_crash_between_the_api_call_and_the_commit_does_not_dispatch_twice(pre
     assert dispatcher.dispatch_pending() == [study_uid]
     _, runs = _study_and_runs(rt, study_uid)
     assert runs == [(1, first_flow_run)]
+
+
+def test_a_run_that_died_with_its_process_is_dispatched_again_at_start(prefect_server, flow_settings, tmp_path):
+    from flows.deployment import register_deployment
+    from pipeline.dispatch import Dispatcher, recover_interrupted
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    register_deployment()
+    rt = Runtime.from_settings(flow_settings)
+    study_uid = _stable_study(rt, tmp_path, seed=13)
+    dispatcher = Dispatcher(rt.session_factory)
+    assert dispatcher.dispatch_pending() == [study_uid]
+    _, [(_, flow_run_id)] = _study_and_runs(rt, study_uid)
+
+    # Scheduled runs are left for a worker.
+    assert recover_interrupted(rt.session_factory, running_is_stale_after=0) == []
+    # The worker that was running it died (kill -9): Prefect still says Running.
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Running(), force=True)
+    assert recover_interrupted(rt.session_factory, running_is_stale_after=3600) == []
+    assert recover_interrupted(rt.session_factory, running_is_stale_after=0) == [study_uid]
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(flow_run_id).state.is_crashed()
+
+    assert dispatcher.dispatch_pending() == [study_uid]
+    state, runs = _study_and_runs(rt, study_uid)
+    assert state == StudyState.dispatched
+    assert [revision for revision, _ in runs] == [1, 2] and runs[1][1] != flow_run_id
