@@ -137,10 +137,16 @@ class Service:
     ----------
     factories
         Component factories; defaults to :data:`COMPONENT_FACTORIES`.
+    recover_archive
+        Clean up after a crash of the archive's writer. Only the machine that receives
+        does this; a worker sharing the archive must not (it would remove the
+        receiver's files in flight).
     """
 
-    def __init__(self, settings: Settings, factories: list[ComponentFactory] | None = None) -> None:
+    def __init__(self, settings: Settings, factories: list[ComponentFactory] | None = None, *,
+                 recover_archive: bool = True) -> None:
         self.settings = settings
+        self.recover_archive = recover_archive
         self.factories = list(COMPONENT_FACTORIES if factories is None else factories)
         self.components: list[Component] = []
         self._stopped = threading.Event()
@@ -151,7 +157,8 @@ class Service:
         migrate(url)
         engine = create_index_engine(url)
         archive = Archive(self.settings, engine=engine)
-        archive.recover()
+        if self.recover_archive:
+            archive.recover()
         self.ctx = ServiceContext(self.settings, engine, archive)
         try:
             for factory in self.factories:

@@ -1,0 +1,36 @@
+"""``radtriage worker``: run triage flow runs on another machine (scale-out)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from pipeline.config import Settings
+from pipeline.errors import ConfigError
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.service import Service
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError("radtriage worker needs the shared Prefect server: set PREFECT_API_URL "
+                          "(e.g. http://prefect.example:4200/api)")
+    if settings.index_url.startswith("sqlite"):
+        raise ConfigError("radtriage worker needs the shared index: set [index] url (PostgreSQL) or "
+                          "RADTRIAGE_INDEX__URL; SQLite cannot be shared between machines")
+
+    def triage_worker(ctx: Any) -> Any:
+        from flows.serve import triage
+
+        return triage(ctx, dispatch=False)
+
+    return Service(settings, [triage_worker], recover_archive=False).run()
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "worker", help="run triage flow runs from a shared Prefect server, models kept in memory",
+        description="Claim and run triage-study flow runs (the index, archive and Prefect are shared; "
+                    "see README, Scale out).")
+    parser.set_defaults(func=_worker)
