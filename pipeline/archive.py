@@ -1,8 +1,8 @@
 """The archive: DICOM files under ``storage.data_dir`` plus their index rows.
 
-Every store takes the same durable path: write to a temp file in the target folder,
-fsync, rename to ``files/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``,
-fsync the folder, then commit the index row. Only after that does a caller (the C-STORE
+Every store takes the same durable path: write to a temp file in ``incoming/``, fsync,
+rename to ``files/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` (same
+file system), fsync that folder, then commit the index row. Only after that does a caller (the C-STORE
 handler) answer Success. After a crash, :meth:`Archive.recover` deletes temp files and
 indexes files that were renamed but not yet indexed, so no partial or orphan file stays.
 """
@@ -17,6 +17,7 @@ import struct
 import threading
 import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import Settings
 from pipeline.errors import PermanentError, TransientError
-from pipeline.header import InstanceHeader, header_from_dataset, parse_encoded
+from pipeline.header import InstanceHeader, InvalidUIDError, header_from_dataset, parse_encoded
 from pipeline.index.db import create_index_engine, make_session_factory, session_scope
 from pipeline.index.ingest import record_instance
 from pipeline.index.schema import Instance, Series, utcnow
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 IMPLEMENTATION_CLASS_UID = "2.25.105938130551812983121404808708390189929"
 IMPLEMENTATION_VERSION_NAME = "RADTRIAGE_01"
 FILES_DIR = "files"
+INCOMING_DIR = "incoming"  # temp files being written; never more than that
 TMP_SUFFIX = ".tmp"
 DERIVED_MARK = b"RADTRIAGE DERIVED"
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
@@ -157,7 +159,10 @@ class Archive:
         self.engine = engine if engine is not None else create_index_engine(settings.index_url)
         self.session_factory: sessionmaker[Session] = make_session_factory(self.engine)
         self.files_dir = self.data_dir / FILES_DIR
-        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.incoming_dir = self.data_dir / INCOMING_DIR
+        for folder in (self.files_dir, self.incoming_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._writer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="archive-write")
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
 
@@ -173,10 +178,26 @@ class Archive:
         OutOfResourcesError
             The disk or the index is full; nothing is kept.
         """
-        ds = parse_encoded(encoded, transfer_syntax)
-        header = header_from_dataset(ds, expected_sop_class=sop_class_uid, expected_sop_instance=sop_instance_uid)
-        meta = encode_file_meta(header.SOPClassUID, header.SOPInstanceUID, transfer_syntax, source_ae)
-        return self._store(header, (meta, encoded), transfer_syntax, derived=False)
+        try:
+            meta = encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, source_ae)
+        except UnicodeEncodeError:
+            raise InvalidUIDError("the request's SOP Class/Instance UID is not ASCII") from None
+        # Write and fsync (no GIL held) while this thread parses the header: the temp file
+        # is anonymous until the header is valid, then renamed into place.
+        staged = self._writer.submit(self._write_temp, (meta, encoded))
+        try:
+            ds = parse_encoded(encoded, transfer_syntax)
+            header = header_from_dataset(ds, expected_sop_class=sop_class_uid,
+                                         expected_sop_instance=sop_instance_uid)
+        except BaseException:
+            try:
+                tmp, _ = staged.result()
+                tmp.unlink(missing_ok=True)
+            except Exception:  # the write failed too; the input error is the one to report
+                pass
+            raise
+        tmp, size = staged.result()
+        return self._commit(header, tmp, size, transfer_syntax, derived=False)
 
     def store_dataset(self, ds: Dataset, *, derived: bool = False) -> StoredInstance:
         """Store a pydicom dataset (e.g. an AI SEG or SR) through the same durable path.
@@ -191,7 +212,8 @@ class Archive:
         header = header_from_dataset(ds)
         encoded = encode_dataset(ds, transfer_syntax)
         meta = encode_file_meta(header.SOPClassUID, header.SOPInstanceUID, transfer_syntax, derived=derived)
-        return self._store(header, (meta, encoded), transfer_syntax, derived=derived)
+        tmp, size = self._write_temp((meta, encoded))
+        return self._commit(header, tmp, size, transfer_syntax, derived=derived)
 
     def path_of(self, sop_instance_uid: str) -> Path:
         """Absolute path of the file holding ``sop_instance_uid``."""
@@ -214,13 +236,12 @@ class Archive:
         return f"{FILES_DIR}/{header.StudyInstanceUID}/{header.SeriesInstanceUID}/{header.SOPInstanceUID}.dcm"
 
     # ---- the durable path ---------------------------------------------------------
-    def _store(self, header: InstanceHeader, parts: tuple[bytes | memoryview, ...], transfer_syntax: str,
-               *, derived: bool) -> StoredInstance:
-        """Temp file + fsync, then in one index transaction: resend check, rename, fsync
-        folder, index row, commit. A resend leaves the stored file untouched."""
+    def _commit(self, header: InstanceHeader, tmp: Path, size: int, transfer_syntax: str,
+                *, derived: bool) -> StoredInstance:
+        """For a fsynced temp file: in one index transaction, resend check, rename into
+        place, fsync the folder, index row, commit. A resend leaves the stored file as is."""
         rel = self.relative_path(header)
         final = self.data_dir / rel
-        tmp, size = self._write_temp(final, parts)
         renamed = False
         try:
             for attempt in range(3):
@@ -232,13 +253,14 @@ class Archive:
                                      header.SOPInstanceUID)
                             return self._result(header, existing, duplicate=True)
                         if not renamed:
+                            self._ensure_dir(final.parent)
                             os.replace(tmp, final)
                             renamed = True
                             if self.fsync:
                                 _fsync_dir(final.parent)
                         if existing is None:
                             record_instance(conn, header, path=rel, transfer_syntax=transfer_syntax,
-                                            size=size, now=utcnow(), derived=derived)
+                                            size=size, now=utcnow(), derived=derived, known_new=True)
                         else:
                             log.warning("SOP Instance %s was indexed but its file was missing; file restored",
                                         header.SOPInstanceUID)
@@ -257,7 +279,8 @@ class Archive:
             self._discard(final if renamed else None)
             raise
         finally:
-            tmp.unlink(missing_ok=True)
+            if not renamed:
+                tmp.unlink(missing_ok=True)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _discard(self, final: Path | None) -> None:
@@ -284,18 +307,17 @@ class Archive:
                     _fsync_dir(created.parent)
             self._known_dirs.add(folder)
 
-    def _write_temp(self, final: Path, parts: tuple[bytes | memoryview, ...]) -> tuple[Path, int]:
-        """Write ``parts`` to a fsynced temp file next to ``final``; return it and its size."""
-        tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}{TMP_SUFFIX}"
+    def _write_temp(self, parts: tuple[bytes | memoryview, ...]) -> tuple[Path, int]:
+        """Write ``parts`` to a fsynced temp file in ``incoming/``; return it and its size."""
+        tmp = self.incoming_dir / f"{uuid.uuid4().hex}{TMP_SUFFIX}"
         try:
-            self._ensure_dir(final.parent)
             size = 0
             with open(tmp, "xb") as fh:
                 for part in parts:
                     size += fh.write(part)
                 fh.flush()
                 if self.fsync:
-                    os.fsync(fh.fileno())
+                    os.fdatasync(fh.fileno())
             return tmp, size
         except OSError as err:
             tmp.unlink(missing_ok=True)
@@ -323,6 +345,10 @@ class Archive:
         one directory listing and one count query per series folder.
         """
         removed = indexed = 0
+        for entry in os.scandir(self.incoming_dir):
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed += 1
         for study_dir in _subdirs(self.files_dir):
             for series_dir in _subdirs(study_dir):
                 names = []

@@ -45,6 +45,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 
 from pipeline.archive import Archive, OutOfResourcesError
 from pipeline.config import Settings
+from pipeline.dul_tuning import tune_association
 from pipeline.errors import ConfigError
 from pipeline.header import DatasetError, InvalidUIDError, SOPClassMismatchError
 
@@ -77,10 +78,12 @@ def _status(code: int, comment: str) -> Dataset:
 
 
 def set_nodelay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler: disable Nagle's algorithm (10x on loopback)."""
+    """EVT_CONN_OPEN handler: disable Nagle's algorithm (10x on loopback) and let the
+    association react to each message at once (:mod:`pipeline.dul_tuning`)."""
     sock = event.assoc.dul.socket.socket
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tune_association(event.assoc)
 
 
 def handle_store(event: evt.Event, archive: Archive) -> int | Dataset:

@@ -96,15 +96,16 @@ def is_indexed(conn: Connection, sop_instance_uid: str) -> bool:
 
 
 def record_instance(conn: Connection, header: InstanceHeader, *, path: str, transfer_syntax: str,
-                    size: int, now: datetime, derived: bool = False) -> bool:
+                    size: int, now: datetime, derived: bool = False, known_new: bool = False) -> bool:
     """Add one instance to the index; return ``False`` if its SOP Instance UID is known.
 
     Runs in the caller's transaction on ``conn``; the caller commits. Concurrent
     creation of the same study or series by two associations surfaces as an
     ``IntegrityError``; the caller retries. The common case (an instance of a series
     already indexed) is four prepared statements, since it runs once per received image.
+    ``known_new`` skips the resend check when the caller made it in this transaction.
     """
-    if is_indexed(conn, header.SOPInstanceUID):
+    if not known_new and is_indexed(conn, header.SOPInstanceUID):
         return False
     row = conn.execute(_FIND_SERIES, {"b_series": header.SeriesInstanceUID}).first()
     if row is None:

@@ -58,6 +58,7 @@ def test_kill_9_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
         assert echoscu(restarted.port).returncode == 0
         files = [p for p in (data_dir / "files").rglob("*") if p.is_file()]
         assert not [p for p in files if not p.name.endswith(".dcm")], "partial temp files left visible"
+        assert not [p for p in (data_dir / "incoming").iterdir()], "temp files left in incoming/"
         with session_scope(engine, readonly=True) as session:
             indexed_paths = set(session.scalars(select(Instance.path)))
             study = session.scalars(select(Study)).one()

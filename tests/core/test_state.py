@@ -96,6 +96,7 @@ def test_recovery_removes_partial_files_and_indexes_renamed_ones(archive: Archiv
     folder = kept.parent
     # a crash mid-write leaves a temp file; a crash between rename and commit, an unindexed file
     (folder / f".{kept.name}.deadbeef.tmp").write_bytes(b"partial")
+    (archive.incoming_dir / "0123abcd.tmp").write_bytes(b"partial")
     unindexed = dcmread(study_files[2])
     shutil.copy(study_files[2], folder / f"{unindexed.SOPInstanceUID}.dcm")
     # a derived result renamed but not indexed stays derived
@@ -105,8 +106,8 @@ def test_recovery_removes_partial_files_and_indexes_renamed_ones(archive: Archiv
     with session_scope(archive.session_factory) as session:
         row = session.scalars(select(Instance).where(Instance.SOPInstanceUID == derived.SOPInstanceUID)).one()
         session.delete(row)
-    assert archive.recover() == (1, 2)
-    assert not list(folder.glob("*.tmp"))
+    assert archive.recover() == (2, 2)
+    assert not list(folder.glob("*.tmp")) and not list(archive.incoming_dir.iterdir())
     assert archive.path_of(unindexed.SOPInstanceUID) == folder / f"{unindexed.SOPInstanceUID}.dcm"
     assert archive.path_of(derived.SOPInstanceUID) == stored.path
     assert _study(archive).state == StudyState.received
