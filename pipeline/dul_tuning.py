@@ -7,11 +7,17 @@ to send the response) and copies every byte through many small reads: with ~5 ms
 image spent in pynetdicom, that alone makes the receiver slower than dcmtk or Orthanc.
 
 :func:`tune_association` (call it from an ``EVT_CONN_OPEN`` handler) keeps pynetdicom's
-logic and changes only how its DUL thread waits and reads: it blocks in ``select`` on
-the socket *and* on a wake-up pipe that is written whenever a primitive is queued for
-sending, so it reacts at once to either, without spinning; and it reads each PDU with
-``recv_into`` into one buffer. Written against pynetdicom 3.0 (pinned in
-pyproject.toml); with any other layout it leaves the association untouched.
+logic and changes only how its threads wait and read:
+
+* the DUL thread blocks in ``select`` on the socket *and* on a wake-up pipe that is
+  written whenever a primitive is queued for sending, so it reacts at once to either,
+  without spinning; it reads each PDU with ``recv_into`` into one buffer;
+* the association thread's 1 ms poll for complete DIMSE messages becomes a wait on an
+  event that the DIMSE layer sets when it queues one (only for tuned associations;
+  every other sleep in pynetdicom, and every other association, is unchanged).
+
+Written against pynetdicom 3.0 (pinned in pyproject.toml); with any other layout it
+leaves the association untouched.
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ import logging
 import select
 import socket
 import ssl
+import threading
+import time
 from typing import Any
 
+import pynetdicom.association
 from pynetdicom.transport import AssociationSocket
 
 log = logging.getLogger(__name__)
@@ -75,6 +84,52 @@ class _LowLatencySocket(AssociationSocket):
             end.close()
 
 
+_REACTOR_POLL_SECONDS = 0.001  # the association reactor's sleep in pynetdicom 3.0
+_WAKE_ATTRIBUTE = "_radtriage_wake"
+
+
+class _ReactorClock:
+    """Replaces the ``time`` module inside :mod:`pynetdicom.association` only.
+
+    ``sleep(0.001)`` on a tuned association's thread waits on its wake-up event
+    instead (same upper bound, returns as soon as a DIMSE message is queued);
+    everything else is the real :mod:`time`.
+    """
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def sleep(self, seconds: float) -> None:
+        wake = getattr(threading.current_thread(), _WAKE_ATTRIBUTE, None)
+        if wake is None or seconds != _REACTOR_POLL_SECONDS:
+            self._real.sleep(seconds)
+        elif wake.wait(seconds):
+            wake.clear()
+
+
+def _install_reactor_clock() -> bool:
+    module_time = getattr(pynetdicom.association, "time", None)
+    if isinstance(module_time, _ReactorClock):
+        return True
+    if module_time is not time:
+        return False
+    pynetdicom.association.time = _ReactorClock(time)  # type: ignore[attr-defined]
+    return True
+
+
+def _wrap_put(queue: Any, after: Any) -> None:
+    original_put = queue.put
+
+    def put(item: Any, *args: Any, **kwargs: Any) -> None:
+        original_put(item, *args, **kwargs)
+        after()
+
+    queue.put = put
+
+
 def tune_association(assoc: Any) -> bool:
     """Switch one association's DUL to blocking, wake-up driven waits. ``True`` if done."""
     dul = getattr(assoc, "dul", None)
@@ -88,15 +143,19 @@ def tune_association(assoc: Any) -> bool:
     wake_w.setblocking(False)
     sock._wake_r, sock._wake_w = wake_r, wake_w  # type: ignore[attr-defined]
     sock.__class__ = _LowLatencySocket
-    original_put = queue.put
 
-    def put(item: Any, *args: Any, **kwargs: Any) -> None:
-        original_put(item, *args, **kwargs)
+    def wake_dul() -> None:
         try:
             wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # a wake-up is already pending, or the association is closing
+        except OSError:
+            pass  # a wake-up is already pending (buffer full), or the association is closing
 
-    queue.put = put
+    _wrap_put(queue, wake_dul)
     dul._run_loop_delay = 0  # the wait happens in select() instead
+
+    messages = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+    if messages is not None and _install_reactor_clock():
+        event = threading.Event()
+        setattr(assoc, _WAKE_ATTRIBUTE, event)
+        _wrap_put(messages, event.set)
     return True
