@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,16 @@ from pathlib import Path
 from pipeline.errors import RadtriageError
 
 log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, even by ``kill -9`` (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -86,6 +97,8 @@ class LocalPrefectServer:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            # A server orphaned by a crashed radtriage would hold the port on the next start.
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         log_file.close()
         deadline = time.monotonic() + timeout
