@@ -31,7 +31,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from sqlalchemy import Engine, bindparam, select
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -39,7 +39,7 @@ from pipeline.config import Settings
 from pipeline.errors import PermanentError, TransientError
 from pipeline.header import InstanceHeader, InvalidUIDError, header_from_dataset, parse_encoded
 from pipeline.index.db import create_index_engine, make_session_factory, session_scope
-from pipeline.index.ingest import record_instance
+from pipeline.index.ingest import indexed_path, record_instance
 from pipeline.index.schema import Instance, Series, utcnow
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,6 @@ INCOMING_DIR = "incoming"  # temp files being written; never more than that
 TMP_SUFFIX = ".tmp"
 DERIVED_MARK = b"RADTRIAGE DERIVED"
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
-
-
-_PATH_OF = select(Instance.__table__.c.path).where(Instance.__table__.c.SOPInstanceUID == bindparam("b_sop"))
 
 
 class OutOfResourcesError(TransientError):
@@ -247,7 +244,7 @@ class Archive:
             for attempt in range(3):
                 try:
                     with self.engine.begin() as conn:
-                        existing = conn.execute(_PATH_OF, {"b_sop": header.SOPInstanceUID}).scalar()
+                        existing = indexed_path(conn, header.SOPInstanceUID)
                         if existing is not None and (renamed or (self.data_dir / existing).exists()):
                             log.info("SOP Instance %s already stored; resend acknowledged, not stored again",
                                      header.SOPInstanceUID)

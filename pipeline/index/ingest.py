@@ -18,6 +18,7 @@ from sqlalchemy import Connection, String, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.header import InstanceHeader
+from pipeline.index.prepared import Prepared
 from pipeline.index.schema import Instance, Patient, Series, SeriesOrigin, Study, StudyState
 
 log = logging.getLogger(__name__)
@@ -75,24 +76,31 @@ def _study(session: Session, header: InstanceHeader, now: datetime, derived: boo
 
 
 _instance, _series, _study_t = Instance.__table__, Series.__table__, Study.__table__
-# Built once: the per-image statements (SQLAlchemy then only looks them up in its cache).
-_FIND_INSTANCE = select(_instance.c.id).where(_instance.c.SOPInstanceUID == bindparam("b_sop"))
-_FIND_SERIES = (select(_series.c.id, _series.c.study_id, _study_t.c.StudyInstanceUID, _study_t.c.state)
-                .join(_study_t, _series.c.study_id == _study_t.c.id)
-                .where(_series.c.SeriesInstanceUID == bindparam("b_series")))
-_ADD_INSTANCE = insert(_instance)
-_COUNT_SERIES = (update(_series).where(_series.c.id == bindparam("b_id"))
-                 .values(NumberOfSeriesRelatedInstances=_series.c.NumberOfSeriesRelatedInstances + 1,
-                         last_received_at=bindparam("b_now")))
-_COUNT_STUDY_DERIVED = (update(_study_t).where(_study_t.c.id == bindparam("b_id"))
-                        .values(NumberOfStudyRelatedInstances=_study_t.c.NumberOfStudyRelatedInstances + 1))
-_COUNT_STUDY_RECEIVED = _COUNT_STUDY_DERIVED.values(last_received_at=bindparam("b_now"))
-_REOPEN_STUDY = _COUNT_STUDY_RECEIVED.values(state=StudyState.received, state_changed_at=bindparam("b_now"))
+# Compiled once: the per-image statements (see pipeline.index.prepared for why).
+_PATH_OF = Prepared(select(_instance.c.path).where(_instance.c.SOPInstanceUID == bindparam("b_sop")))
+_FIND_SERIES = Prepared(
+    select(_series.c.id, _series.c.study_id, _study_t.c.StudyInstanceUID, _study_t.c.state)
+    .join(_study_t, _series.c.study_id == _study_t.c.id)
+    .where(_series.c.SeriesInstanceUID == bindparam("b_series")))
+_INSTANCE_COLUMNS = ("SOPInstanceUID", "SOPClassUID", "series_id", "InstanceNumber", "TransferSyntaxUID",
+                     "path", "size", "received_at")
+_ADD_INSTANCE = Prepared(insert(_instance), column_keys=_INSTANCE_COLUMNS)
+_COUNT_SERIES = Prepared(
+    update(_series).where(_series.c.id == bindparam("b_id"))
+    .values(NumberOfSeriesRelatedInstances=_series.c.NumberOfSeriesRelatedInstances + 1,
+            last_received_at=bindparam("b_now", type_=_series.c.last_received_at.type)))
+_count_study = (update(_study_t).where(_study_t.c.id == bindparam("b_id"))
+                .values(NumberOfStudyRelatedInstances=_study_t.c.NumberOfStudyRelatedInstances + 1))
+_now = bindparam("b_now", type_=_study_t.c.last_received_at.type)
+_COUNT_STUDY_DERIVED = Prepared(_count_study)
+_COUNT_STUDY_RECEIVED = Prepared(_count_study.values(last_received_at=_now))
+_REOPEN_STUDY = Prepared(_count_study.values(last_received_at=_now, state=StudyState.received, state_changed_at=_now))
 
 
-def is_indexed(conn: Connection, sop_instance_uid: str) -> bool:
-    """Whether ``sop_instance_uid`` has an index row."""
-    return conn.execute(_FIND_INSTANCE, {"b_sop": sop_instance_uid}).first() is not None
+def indexed_path(conn: Connection, sop_instance_uid: str) -> str | None:
+    """The archive path of ``sop_instance_uid`` relative to data_dir, or ``None``."""
+    rows = _PATH_OF.execute(conn, {"b_sop": sop_instance_uid})
+    return rows[0][0] if rows else None
 
 
 def record_instance(conn: Connection, header: InstanceHeader, *, path: str, transfer_syntax: str,
@@ -105,30 +113,30 @@ def record_instance(conn: Connection, header: InstanceHeader, *, path: str, tran
     already indexed) is four prepared statements, since it runs once per received image.
     ``known_new`` skips the resend check when the caller made it in this transaction.
     """
-    if not known_new and is_indexed(conn, header.SOPInstanceUID):
+    if not known_new and indexed_path(conn, header.SOPInstanceUID) is not None:
         return False
-    row = conn.execute(_FIND_SERIES, {"b_series": header.SeriesInstanceUID}).first()
-    if row is None:
+    rows = _FIND_SERIES.execute(conn, {"b_series": header.SeriesInstanceUID})
+    if not rows:
         with Session(bind=conn) as session:
             _record_in_new_series(session, header, path=path, transfer_syntax=transfer_syntax, size=size,
                                   now=now, derived=derived)
         return True
-    if row.StudyInstanceUID != header.StudyInstanceUID:
+    series_id, study_id, study_uid, state = rows[0]
+    if study_uid != header.StudyInstanceUID:
         log.warning("instance %s names study %s but its series %s belongs to study %s; indexed under the latter",
-                    header.SOPInstanceUID, header.StudyInstanceUID, header.SeriesInstanceUID, row.StudyInstanceUID)
-    conn.execute(_ADD_INSTANCE, {
-        "SOPInstanceUID": header.SOPInstanceUID, "SOPClassUID": header.SOPClassUID, "series_id": row.id,
+                    header.SOPInstanceUID, header.StudyInstanceUID, header.SeriesInstanceUID, study_uid)
+    _ADD_INSTANCE.execute(conn, {
+        "SOPInstanceUID": header.SOPInstanceUID, "SOPClassUID": header.SOPClassUID, "series_id": series_id,
         "InstanceNumber": header.get("InstanceNumber", None), "TransferSyntaxUID": transfer_syntax,
         "path": path, "size": size, "received_at": now})
-    conn.execute(_COUNT_SERIES, {"b_id": row.id, "b_now": now})
+    _COUNT_SERIES.execute(conn, {"b_id": series_id, "b_now": now})
     if derived:
-        conn.execute(_COUNT_STUDY_DERIVED, {"b_id": row.study_id})
-    elif StudyState(row.state) != StudyState.received:
-        log.info("study %s was %s; a late instance returns it to received", row.StudyInstanceUID,
-                 StudyState(row.state).value)
-        conn.execute(_REOPEN_STUDY, {"b_id": row.study_id, "b_now": now})
+        _COUNT_STUDY_DERIVED.execute(conn, {"b_id": study_id})
+    elif StudyState(state) != StudyState.received:
+        log.info("study %s was %s; a late instance returns it to received", study_uid, StudyState(state).value)
+        _REOPEN_STUDY.execute(conn, {"b_id": study_id, "b_now": now})
     else:
-        conn.execute(_COUNT_STUDY_RECEIVED, {"b_id": row.study_id, "b_now": now})
+        _COUNT_STUDY_RECEIVED.execute(conn, {"b_id": study_id, "b_now": now})
     return True
 
 
