@@ -249,18 +249,23 @@ class Archive:
                             log.info("SOP Instance %s already stored; resend acknowledged, not stored again",
                                      header.SOPInstanceUID)
                             return self._result(header, existing, duplicate=True)
+                        dir_synced = None
                         if not renamed:
                             self._ensure_dir(final.parent)
                             os.replace(tmp, final)
                             renamed = True
-                            if self.fsync:
-                                _fsync_dir(final.parent)
-                        if existing is None:
-                            record_instance(conn, header, path=rel, transfer_syntax=transfer_syntax,
-                                            size=size, now=utcnow(), derived=derived, known_new=True)
-                        else:
-                            log.warning("SOP Instance %s was indexed but its file was missing; file restored",
-                                        header.SOPInstanceUID)
+                            if self.fsync:  # overlaps the index statements; awaited before COMMIT
+                                dir_synced = self._writer.submit(_fsync_dir, final.parent)
+                        try:
+                            if existing is None:
+                                record_instance(conn, header, path=rel, transfer_syntax=transfer_syntax,
+                                                size=size, now=utcnow(), derived=derived, known_new=True)
+                            else:
+                                log.warning("SOP Instance %s was indexed but its file was missing; file restored",
+                                            header.SOPInstanceUID)
+                        finally:
+                            if dir_synced is not None:
+                                dir_synced.result()  # the rename is durable before the row commits
                     return self._result(header, rel, duplicate=False, size=size)
                 except IntegrityError:
                     # A concurrent association created the same patient/study/series/instance first.
