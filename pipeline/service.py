@@ -9,6 +9,7 @@ its config section disables it).
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -171,6 +172,9 @@ class Service:
         except BaseException:
             self.stop()
             raise
+        # Everything loaded so far lives as long as the process: keep it out of the cyclic
+        # garbage collector, whose full passes otherwise stall the receiver (~75 ms each).
+        gc.freeze()
         log.info("radtriage running: %s", ", ".join(c.name for c in self.components))
         return self.ctx
 
