@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from pipeline.volume import Volume
 
 Finding = Literal["hemorrhage", "none"]
+BLOOD_VISIBLE_HU = (40.0, 130.0)
 
 
 @dataclass
@@ -95,6 +96,9 @@ def make_head_case(
     # Slice sensitivity profile: a thick slice averages the tissue across its thickness.
     sigmas = (slice_thickness / 2.355, pixel_spacing / 2.355, pixel_spacing / 2.355)
     hu = ndi.gaussian_filter(hu, [s if s > 0.5 else 0 for s in sigmas], truncate=2.5)
+    # The truth is the blood a reader can see: not where the slice is mostly bone (a thin
+    # bleed under the skull at the vertex) nor mostly CSF (the edge of a ventricle).
+    label *= (hu >= BLOOD_VISIBLE_HU[0]) & (hu <= BLOOD_VISIBLE_HU[1])
 
     image = sitk.GetImageFromArray(hu)
     image.CopyInformation(anatomy.reference)
@@ -124,7 +128,7 @@ def make_head_case(
     volume = sampled[..., 0] - 1000.0
     mask = sampled[..., 1] >= 0.5
 
-    sigma = noise_hu if noise_hu is not None else rng.uniform(3.0, 8.0) * math.sqrt(5.0 / slice_thickness)
+    sigma = noise_hu if noise_hu is not None else rng.uniform(2.5, 6.0) * math.sqrt(5.0 / slice_thickness)
     noise = ndi.gaussian_filter(rng.standard_normal(volume.shape, dtype=np.float32), (0, 0.7, 0.7))
     volume += noise * (sigma / max(float(noise.std()), 1e-6))
     np.clip(volume, -1024, 3071, out=volume)

@@ -79,7 +79,7 @@ def _extra_axial(anatomy: Anatomy, hu: np.ndarray, label: np.ndarray, rng: np.ra
 
 def add_subdural(anatomy: Anatomy, hu: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> None:
     """Crescent along the convexity, wide and thin, stopping at the falx."""
-    _extra_axial(anatomy, hu, label, rng, extent=rng.uniform(35, 75), thickness=rng.uniform(3, 14), lens=False)
+    _extra_axial(anatomy, hu, label, rng, extent=rng.uniform(35, 75), thickness=rng.uniform(4, 14), lens=False)
 
 
 def add_epidural(anatomy: Anatomy, hu: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> None:
@@ -100,7 +100,7 @@ def add_intraventricular(anatomy: Anatomy, hu: np.ndarray, label: np.ndarray, rn
     zz, yy, xx = np.nonzero(fill)
     box = (slice(zz.min(), zz.max() + 1), slice(yy.min(), yy.max() + 1), slice(xx.min(), xx.max() + 1))
     weight = np.clip(ndi.gaussian_filter(fill[box].astype(np.float32), 0.6) * 1.5, 0, 1) * anatomy.ventricles[box]
-    _blend(hu, label, box, weight, _blood(rng, weight.shape) - 5)
+    _blend(hu, label, box, weight, _blood(rng, weight.shape))
 
 
 ADDERS = {

@@ -7,6 +7,7 @@ with the generator's true mask: study-level detection, Dice and volume error.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -130,3 +131,51 @@ def evaluate_model(
         if progress is not None:
             progress(outcome)
     return evaluation
+
+
+@dataclass
+class Calibration:
+    """The study-level volume threshold chosen on validation studies, and how it was chosen."""
+
+    min_volume_ml: float
+    sensitivity: float
+    specificity: float
+    studies: list[tuple[bool, float]]  # (truth present, volume found before the volume rule)
+
+
+def calibrate_min_volume(
+    model: RegisteredModel,
+    recipes: Iterable[CaseRecipe],
+    *,
+    finding_label: str | None = None,
+    device: str = "auto",
+    floor_ml: float = 0.1,
+) -> Calibration:
+    """Choose ``min_volume_ml`` (finding present from this volume on) on validation studies.
+
+    Picks the threshold with the highest Youden index (sensitivity + specificity - 1),
+    the smaller one on ties (a triage tool would rather over-call), never below
+    ``floor_ml``. Use seeds that neither training nor the final evaluation uses.
+    """
+    from pipeline.inference import load_model, predict
+    from pipeline.measure import make_finding
+
+    spec = next(f for f in model.spec.findings if f.label == (finding_label or model.spec.findings[0].label))
+    raw_spec = spec.model_copy(update={"min_volume_ml": 0.0})
+    loaded = load_model(model, device)
+    studies = []
+    for item in recipes:
+        case = item.make()
+        volume = case_volume(case, seed=item.seed)
+        finding = make_finding(predict(loaded, volume)[spec.channel], volume, raw_spec)
+        studies.append((bool(case.label.any()), finding.volume_ml))
+    candidates = sorted({floor_ml, *(v + 1e-3 for _, v in studies if v >= floor_ml)})
+
+    def rates(threshold: float) -> tuple[float, float]:
+        pos = [v >= threshold for t, v in studies if t]
+        neg = [v < threshold for t, v in studies if not t]
+        return (sum(pos) / len(pos) if pos else 1.0), (sum(neg) / len(neg) if neg else 1.0)
+
+    best = max(candidates, key=lambda t: (sum(rates(t)) - 1, -t))
+    sensitivity, specificity = rates(best)
+    return Calibration(math.ceil(best * 100) / 100, sensitivity, specificity, studies)
