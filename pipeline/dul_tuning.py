@@ -16,12 +16,19 @@ logic and changes only how its threads wait and read:
   event that the DIMSE layer sets when it queues one (only for tuned associations;
   every other sleep in pynetdicom, and every other association, is unchanged).
 
+Also, :func:`cheap_context_copies` (call it on a started server): pynetdicom deep-copies
+the acceptor's presentation contexts for every association, which re-validates every
+transfer syntax UID: with all storage SOP classes and 13 transfer syntaxes that is
+~60 ms of CPU per association. Contexts hold only immutable UIDs, so a copy of each
+context object and of its list of transfer syntaxes is the same thing, 50x cheaper.
+
 Written against pynetdicom 3.0 (pinned in pyproject.toml); with any other layout it
 leaves the association untouched.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import select
 import socket
@@ -118,6 +125,36 @@ def _install_reactor_clock() -> bool:
         return False
     pynetdicom.association.time = _ReactorClock(time)  # type: ignore[attr-defined]
     return True
+
+
+class _CheapCopyContexts(list):  # type: ignore[type-arg]
+    """The server's presentation contexts; ``deepcopy`` copies each context shallowly,
+    with its own lists (every value inside is an immutable UID, int, bool or None)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        copies = []
+        for cx in self:
+            clone = copy.copy(cx)
+            for name, value in vars(cx).items():
+                if isinstance(value, list):
+                    setattr(clone, name, list(value))
+            copies.append(clone)
+        return copies
+
+
+def cheap_context_copies(server: Any) -> bool:
+    """Make ``server`` copy its presentation contexts cheaply for each association."""
+    contexts = getattr(server, "contexts", None)
+    if not isinstance(contexts, list) or not all(
+            set(vars(cx)) <= _CONTEXT_FIELDS for cx in contexts):
+        log.debug("pynetdicom server layout not recognised; contexts left as they are")
+        return False
+    server.contexts = _CheapCopyContexts(contexts)
+    return True
+
+
+_CONTEXT_FIELDS = {"_context_id", "_abstract_syntax", "_transfer_syntax", "result", "_scu_role", "_scp_role",
+                   "_as_scp", "_as_scu"}
 
 
 def _wrap_put(queue: Any, after: Any) -> None:

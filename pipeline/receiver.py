@@ -45,7 +45,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 
 from pipeline.archive import Archive, OutOfResourcesError
 from pipeline.config import Settings
-from pipeline.dul_tuning import tune_association
+from pipeline.dul_tuning import cheap_context_copies, tune_association
 from pipeline.errors import ConfigError
 from pipeline.header import DatasetError, InvalidUIDError, SOPClassMismatchError
 
@@ -175,6 +175,7 @@ def start_receiver(settings: Settings, archive: Archive, *, ae: AE | None = None
         evt_handlers=handlers(settings, archive),
         ssl_context=ssl_context(settings),
     )
+    cheap_context_copies(server)
     host, port = server.server_address[:2]
     log.info("DICOM receiver %s listening on %s:%d%s", settings.dicom.ae_title, host, port,
              " (TLS)" if settings.dicom.tls.enabled else "")
