@@ -30,12 +30,12 @@ from pipeline.phantom.generator import volume_generator  # noqa: E402
 from pipeline.synth import synth_study  # noqa: E402
 from tests.peers.radtriage import RadtriageServer  # noqa: E402
 
+# "other": Prefect task orchestration between the steps and the index bookkeeping.
 STEPS = ("stability_wait", "dispatch", "volume_load", "inference", "writing", "storing", "other")
 
 
 def _time(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value)
-    return parsed
+    return datetime.fromisoformat(value)
 
 
 def breakdown(index: Path, study_uid: str) -> dict[str, float]:

@@ -246,7 +246,8 @@ def finish_run(rt: Runtime, study_uid: str, revision: int, timings: dict[str, fl
             all_timings.update(timings or {})
             if run.stable_at is not None:
                 all_timings["stability_wait"] = (run.stable_at - run.last_received_at).total_seconds()
-                all_timings["dispatch"] = (run.started_at - run.dispatched_at).total_seconds() if run.started_at else 0.0
+                # Stable until the flow run began: dispatcher, worker claim, flow start.
+                all_timings["dispatch"] = (run.started_at - run.stable_at).total_seconds() if run.started_at else 0.0
             run.timings = json.dumps(all_timings)
             entry.time_to_triage_seconds = (now - run.last_received_at).total_seconds()
         if study.state == StudyState.dispatched and _latest_revision(session, study.id) == revision:

@@ -79,10 +79,10 @@ def test_a_bleed_rises_to_the_top_with_seg_and_sr_archived_and_forwarded(system,
     bleed, routine = entry(studies, bleed_uid), entry(studies, routine_uid)
     assert bleed["ai_status"] == "done", bleed
     assert routine["ai_status"] == "done", routine
+    assert bleed["priority"] in ("critical", "urgent"), bleed
+    assert routine["priority"] == "routine", routine
     order = [s["StudyInstanceUID"] for s in studies]
     assert order.index(bleed_uid) < order.index(routine_uid), "the bleed must be listed above the older routine study"
-    assert bleed["priority"] in ("critical", "urgent")
-    assert routine["priority"] == "routine"
     bleed_findings = [f for f in bleed["findings"] if f["present"]]
     assert bleed_findings and bleed_findings[0]["volume_ml"] > 0
     assert not [f for f in routine["findings"] if f["present"]]
