@@ -1,7 +1,9 @@
 """Ingest benchmark: the same synthetic CT slices sent by dcmtk ``storescu`` (one
 association, TCP_NODELAY=1) to radtriage, Orthanc and dcmtk ``storescp``.
 
-* radtriage: ``radtriage serve`` as its own process; fsync of every file and folder.
+* radtriage: ``radtriage serve`` as its own process (receiver, archive, index, sweep,
+  forwarder, web app; triage off, so no Prefect server competes for the CPUs); fsync of
+  every file and of its folder before Success.
 * Orthanc (Debian package): ``SyncStorageArea`` on (fsync), no compression, no plugins.
 * storescp: ``+B`` (bytes written as received); it never fsyncs: the upper bound.
 
@@ -53,6 +55,14 @@ def wait_echo(port: int, aec: str, proc: subprocess.Popen[bytes], timeout: float
     raise RuntimeError(f"{aec} on port {port} did not answer C-ECHO within {timeout}s")
 
 
+def wait_log(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"server never logged {text!r}; see {log}")
+        time.sleep(0.1)
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:
@@ -67,7 +77,8 @@ def start_radtriage(storage: Path, port: int) -> subprocess.Popen[bytes]:
     cfg.write_text(
         f'[dicom]\nae_title = "RADTRIAGE"\nbind = "{HOST}"\nport = {port}\nallowed_aes = ["*"]\n'
         f'[storage]\ndata_dir = "{storage / "data"}"\nfsync = true\n'
-        f'[triage]\nstable_age_seconds = 3600\n')
+        f'[triage]\nenabled = false\nstable_age_seconds = 3600\n'  # ingest only: no Prefect server
+        f'[web]\nport = {free_port()}\n')
     return subprocess.Popen([sys.executable, "-m", "pipeline", "--config", str(cfg), "serve"], env=ENV,
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(storage / "log.txt").open("wb"))
 
@@ -110,6 +121,8 @@ def one_run(name: str, images: Path, n: int, workdir: Path) -> float:
     proc = start(storage, port)
     try:
         wait_echo(port, aec, proc)
+        if name == "radtriage":  # the receiver answers first; wait until every component is up
+            wait_log(storage / "log.txt", "radtriage running", proc)
         t0 = time.perf_counter()
         sent = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", aec, "--scan-directories", HOST, str(port),
                                str(images)], env=ENV, capture_output=True, text=True)
