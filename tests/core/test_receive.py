@@ -102,3 +102,23 @@ def test_series_lookup(receiver: Receiver, study_files: list[Path]) -> None:
     path = receiver.archive.path_of(sop)
     assert path.is_file() and path.name == f"{sop}.dcm"
     assert path.parent.name == series_uid
+
+
+def test_parallel_associations_into_one_new_study(receiver: Receiver, study_files: list[Path]) -> None:
+    """Modalities often send one study over several associations at once: the study,
+    patient and series are created once, and every instance is counted."""
+    from tests.core.conftest import HOST
+
+    halves = [study_files[0::3], study_files[1::3], study_files[2::3]]
+    senders = [subprocess.Popen(["storescu", "-aec", "RADTRIAGE", HOST, str(receiver.port), *map(str, part)],
+                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for part in halves]
+    for sender in senders:
+        out, _ = sender.communicate(timeout=120)
+        assert sender.returncode == 0, out
+    with session_scope(receiver.archive.session_factory, readonly=True) as session:
+        study = session.scalars(select(Study)).one()
+        assert study.NumberOfStudyRelatedInstances == len(study_files)
+        assert study.NumberOfStudyRelatedSeries == 1
+        assert session.scalar(select(func.count(Instance.id))) == len(study_files)
+        assert session.scalar(select(func.count(Series.id))) == 1
