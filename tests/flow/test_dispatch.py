@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pydicom
@@ -13,6 +14,16 @@ from pipeline.index.triage import TriageRun
 from pipeline.runtime import Runtime
 from pipeline.stability import sweep_once
 from pipeline.synth import synth_study
+
+
+def _eventually(attempt, timeout: float = 30.0):
+    """The first truthy result of ``attempt()``, as the dispatcher's own loop would get it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = attempt()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
 
 
 def _stable_study(rt: Runtime, tmp_path: Path, seed: int) -> str:
@@ -49,7 +60,8 @@ def test_study_waits_while_prefect_is_down_and_is_dispatched_when_it_is_back(pre
     assert state == StudyState.stable and runs == []
 
     prefect_server.start()
-    assert dispatcher.dispatch_pending() == [study_uid]
+    # A server that just came up may refuse a first call while it settles; the loop retries.
+    assert _eventually(dispatcher.dispatch_pending) == [study_uid]
     state, runs = _study_and_runs(rt, study_uid)
     assert state == StudyState.dispatched
     assert [revision for revision, _ in runs] == [1]
