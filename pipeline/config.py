@@ -157,6 +157,9 @@ class Settings(BaseSettings):
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(root)"
+    env_name = "RADTRIAGE_" + "__".join(str(p).upper() for p in first["loc"][:2])
+    if env_name in {name.upper() for name in os.environ}:
+        source = f"(environment {env_name})"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"invalid config {source}: {key}: {first['msg']}{more}"
 
