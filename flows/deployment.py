@@ -23,8 +23,10 @@ FLOW_NAME = "triage-study"
 
 def register_deployment() -> UUID:
     """Create or update the ``triage-study/triage-study`` deployment; return its id."""
-    deployment = triage_study.to_deployment(name=DEPLOYMENT_NAME, tags=["radtriage"])
-    deployment_id = deployment.apply()
+    # _sync: called from threads and from code that may have an event loop around
+    # (Playwright in tests, uvicorn); Prefect would otherwise hand back a coroutine.
+    deployment = triage_study.to_deployment(name=DEPLOYMENT_NAME, tags=["radtriage"], _sync=True)
+    deployment_id = deployment.apply(_sync=True)
     log.info("registered Prefect deployment %s/%s (%s)", FLOW_NAME, DEPLOYMENT_NAME, deployment_id)
     return deployment_id
 
