@@ -6,38 +6,56 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import pydicom
+
 from pipeline.config import Settings
-from pipeline.scu import parse_peer, send_files
 
 DEMO_CASES = (("hemorrhage", 101), ("none", 102), ("none", 103), ("hemorrhage", 104))
+
+
+def parse_peer(spec: str) -> tuple[str, str, int]:
+    """``AE@HOST:PORT`` → (ae_title, host, port), with an error that says the format."""
+    try:
+        ae_title, address = spec.split("@", 1)
+        host, port = address.rsplit(":", 1)
+        return ae_title, host, int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r} is not AE@HOST:PORT (e.g. RADTRIAGE@127.0.0.1:11112)") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="send synthetic head CT studies (with and without a bleed) to a running radtriage"
     )
-    parser.add_argument("--to", metavar="AE@HOST:PORT", help="destination (default: this config's receiver on 127.0.0.1)")
-    parser.add_argument("--calling-ae", default="STORESCU", help="our AE title (must be in the receiver's allowed_aes)")
+    parser.add_argument("--to", metavar="AE@HOST:PORT", type=parse_peer,
+                        help="destination (default: this config's receiver on 127.0.0.1)")
     parser.add_argument("--studies", type=int, default=len(DEMO_CASES), help="how many studies (bleed, none, none, bleed, ...)")
     parser.add_argument("--slices", type=int, default=32, help="slices per study")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    # The forwarder's C-STORE SCU; it calls as [dicom] ae_title, which the default
+    # allowed_aes accepts.
+    from pipeline.forward.queue import Target
+    from pipeline.forward.scu import Item, store_items
     from pipeline.phantom.generator import volume_generator
     from pipeline.synth import synth_study
 
-    if args.to:
-        ae_title, host, port = parse_peer(args.to)
-    else:
-        ae_title, host, port = settings.dicom.ae_title, "127.0.0.1", settings.dicom.port
+    target = Target(*args.to) if args.to else Target(settings.dicom.ae_title, "127.0.0.1", settings.dicom.port)
+    failures = 0
     with tempfile.TemporaryDirectory(prefix="radtriage-demo-") as tmp:
         for i in range(args.studies):
             finding, seed = DEMO_CASES[i % len(DEMO_CASES)]
             seed += 10 * (i // len(DEMO_CASES))
             files = synth_study(Path(tmp) / str(i), seed=seed, slices=args.slices, volume=volume_generator(finding))
-            report = send_files(files, ae_title, host, port, calling_ae=args.calling_ae)
-            outcome = "sent" if not report.failed else f"{len(report.failed)} FAILED ({next(iter(report.failed.values()))})"
-            print(f"study {i + 1}: {finding:<10} {len(report.sent)}/{len(files)} images {outcome} to {ae_title}@{host}:{port}")
-    print("Open the worklist to watch them arrive; the bleeds rise to the top once analysed.")
-    return 0
+            items = [Item(n, str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), f)
+                     for n, f in enumerate(files)]
+            outcomes, _ = store_items(target, items, settings.dicom)
+            failed = [o for o in outcomes if not o.delivered]
+            failures += len(failed)
+            outcome = "sent" if not failed else f"{len(failed)} FAILED ({failed[0].error})"
+            print(f"study {i + 1}: {finding:<10} {len(outcomes) - len(failed)}/{len(files)} images {outcome} to {target}")
+    if not failures:
+        print("Open the worklist to watch them arrive; the bleeds rise to the top once analysed.")
+    return 1 if failures else 0

@@ -150,3 +150,13 @@ def test_a_late_instance_regenerates_the_results_and_supersedes_the_old(system, 
     # Both generations stay in the archive: superseded objects are kept, not deleted.
     archived_file(system, first["SegSOPInstanceUID"])
     archived_file(system, second["SegSOPInstanceUID"])
+
+
+def test_demo_fills_the_worklist(system):
+    before = {s["StudyInstanceUID"] for s in system.worklist()}
+    sent = system.cli("demo", "--to", f"{system.ae_title}@127.0.0.1:{system.dicom_port}", "--studies", "2", "--slices", "16")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert sent.stdout.count("16/16 images sent") == 2, sent.stdout
+    new = [s for s in system.worklist() if s["StudyInstanceUID"] not in before]
+    assert len(new) == 2
+    assert {s["PatientName"] for s in new} and all(s["ai_status"] in ("pending", "running", "done") for s in new)
