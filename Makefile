@@ -8,7 +8,7 @@ APT_PACKAGES := dcmtk dicom3tools orthanc chromium chromium-driver
 CONFIG ?= config/default.toml
 PYTEST_ARGS ?=
 
-.PHONY: run test bench setup apt data clean
+.PHONY: run test bench setup apt data constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/time_to_triage.py
+
+# After changing dependencies in pyproject.toml: pin what the tests passed with.
+constraints: $(STAMP)
+	{ echo "# Versions radtriage is tested with (pip freeze of .venv); 'make constraints' regenerates."; \
+	  echo "# torch is the CPU build that pip installs from this machine's disk."; \
+	  $(BIN)/pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/' | grep -v '^radtriage'; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) var .cache
