@@ -171,6 +171,7 @@ def store_results(rt: Runtime, study_uid: str, revision: int, result_path: Path)
             )
             for i, f in enumerate(result.findings)
         ]
+        _worklist_entry(session, study).results_stored_at = utcnow()
         destinations = rt.settings.forward.destinations
         enqueue_forwards(session, uids.seg_sop, "SEG", destinations)
         enqueue_forwards(session, uids.sr_sop, "SR", destinations)
@@ -235,7 +236,6 @@ def finish_run(rt: Runtime, study_uid: str, revision: int, timings: dict[str, fl
         entry.ai_status = AIStatus.failed if failures else AIStatus.done
         entry.ai_error = "; ".join(f"{r.model_name}: {r.error}" for r in failures)
         entry.updated_at = now
-        entry.results_stored_at = now
         entry.triaged_at = now
         run = session.scalar(select(TriageRun).where(TriageRun.study_id == study.id, TriageRun.revision == revision))
         if run is not None:
