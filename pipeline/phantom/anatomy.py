@@ -22,6 +22,7 @@ from pipeline.phantom.atlas import fetch
 log = logging.getLogger(__name__)
 
 PAD_MM = 26  # room for CSF, skull and scalp around the brain
+RIM_CAP_HU = 42.0  # grey matter: the cortex under the skull is no denser than this
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,13 @@ def load_anatomy() -> Anatomy:
     intracranial = ndi.binary_fill_holes(envelope | brain)
     depth = ndi.distance_transform_edt(intracranial).astype(np.float32)
     outside = ndi.distance_transform_edt(~intracranial).astype(np.float32)
-    ventricles = _ventricles(atlas, brain, ndi.distance_transform_edt(brain))
+    from_edge = ndi.distance_transform_edt(brain)
+    ventricles = _ventricles(atlas, brain, from_edge)
+    # The averaged atlas keeps a hyperdense rim (skull and dura partial volume) a few mm
+    # under the brain surface; real cortex is grey matter. Left in, every phantom would
+    # carry a thin "subdural hematoma".
+    rim = brain & (from_edge < 8)
+    atlas[rim] = np.minimum(atlas[rim], RIM_CAP_HU)
     xs = np.argwhere(brain)[:, 2]
     start = image.TransformIndexToPhysicalPoint((int(x0) - PAD_MM, int(y0) - PAD_MM, int(z0) - PAD_MM))
     reference = sitk.Image([int(s) for s in atlas.shape[::-1]], sitk.sitkUInt8)

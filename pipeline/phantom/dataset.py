@@ -23,7 +23,7 @@ from pipeline.phantom.generator import PhantomCase, case_volume, make_head_case
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2  # bump when the phantom changes, so cached pairs are rebuilt
+GENERATOR_VERSION = 3  # bump when the phantom changes, so cached pairs are rebuilt
 
 
 @dataclass(frozen=True)

@@ -93,9 +93,12 @@ def make_head_case(
                 chosen.append(BleedKind(rng.choice([k.value for k in BleedKind if k not in chosen])))
         for kind in chosen:
             ADDERS[kind](anatomy, hu, label, rng)
-    # Slice sensitivity profile: a thick slice averages the tissue across its thickness.
-    sigmas = (slice_thickness / 2.355, pixel_spacing / 2.355, pixel_spacing / 2.355)
-    hu = ndi.gaussian_filter(hu, [s if s > 0.5 else 0 for s in sigmas], truncate=2.5)
+    # Slice sensitivity profile: a thick slice averages the tissue across its thickness
+    # (FWHM = thickness, cut at +-thickness/2 like a real, nearly rectangular profile).
+    sigma_z = slice_thickness / 2.355
+    hu = ndi.gaussian_filter1d(hu, sigma_z, axis=0, truncate=max(1.0, slice_thickness / 2 / sigma_z))
+    if pixel_spacing / 2.355 > 0.5:
+        hu = ndi.gaussian_filter(hu, (0, pixel_spacing / 2.355, pixel_spacing / 2.355), truncate=2.5)
     # The truth is the blood a reader can see: not where the slice is mostly bone (a thin
     # bleed under the skull at the vertex) nor mostly CSF (the edge of a ventricle).
     label *= (hu >= BLOOD_VISIBLE_HU[0]) & (hu <= BLOOD_VISIBLE_HU[1])

@@ -63,9 +63,12 @@ def add_intraparenchymal(anatomy: Anatomy, hu: np.ndarray, label: np.ndarray, rn
 
 def _extra_axial(anatomy: Anatomy, hu: np.ndarray, label: np.ndarray, rng: np.random.Generator,
                  extent: float, thickness: float, lens: bool) -> None:
+    # Over the convexity, above the skull base and below the vertex (where most are seen
+    # and where a thick slice through the tangential skull does not mimic one).
     zs = np.argwhere(anatomy.intracranial)[:, 0]
-    superior = np.arange(anatomy.shape[0])[:, None, None] > np.percentile(zs, 35)
-    centre = _pick(rng, (anatomy.depth >= 1) & (anatomy.depth < 2) & superior)
+    z = np.arange(anatomy.shape[0])[:, None, None]
+    convexity = (z > np.percentile(zs, 35)) & (z < np.percentile(zs, 85))
+    centre = _pick(rng, (anatomy.depth >= 1) & (anatomy.depth < 2) & convexity)
     box, grid = _box(centre, extent + 1, anatomy.shape)
     rho = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) / extent
     rho = rho * (1 + 0.1 * smooth_field(rng, rho.shape, 8.0))
