@@ -133,7 +133,7 @@ def build_head(anatomy: Anatomy, rng: np.random.Generator) -> np.ndarray:
     # CSF between brain and skull, then the brain itself
     csf = rng.uniform(2, 10)
     hu[anatomy.intracranial] = csf
-    gain, offset = rng.uniform(0.9, 1.1), rng.uniform(-4, 4)
+    gain, offset = rng.uniform(0.95, 1.05), rng.uniform(-3, 3)
     hu[anatomy.brain] = anatomy.brain_hu[anatomy.brain] * gain + offset
     hu[anatomy.ventricles] = 0.4 * hu[anatomy.ventricles] + 0.6 * csf
     return hu

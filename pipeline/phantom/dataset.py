@@ -10,6 +10,8 @@ cached as ``.npz`` under ``$RADTRIAGE_CACHE/training/<name>/``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from pipeline.phantom.generator import PhantomCase, case_volume, make_head_case
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 3  # bump when the phantom changes, so cached pairs are rebuilt
+GENERATOR_VERSION = 4  # bump when the phantom changes, so cached pairs are rebuilt
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,16 @@ def build_pairs(
     recipes: Iterable[CaseRecipe],
     *,
     name: str,
+    fingerprint: str = "",
     cache: Path | None = None,
     progress: Callable[[int, CaseRecipe], Any] | None = None,
 ) -> list[Path]:
-    """Make (or reuse from the cache) one ``.npz`` pair per recipe; returns their paths."""
-    folder = (cache or cache_dir() / "training") / name
+    """Make (or reuse from the cache) one ``.npz`` pair per recipe; returns their paths.
+
+    ``fingerprint`` identifies the preprocessing (see :func:`preprocessing_fingerprint`):
+    pairs made by another preprocessing are never reused.
+    """
+    folder = (cache or cache_dir() / "training") / (f"{name}-{fingerprint[:12]}" if fingerprint else name)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, item in enumerate(recipes):
@@ -97,6 +104,12 @@ def build_pairs(
         if progress is not None:
             progress(i, item)
     return paths
+
+
+def preprocessing_fingerprint(inference_config: dict[str, Any]) -> str:
+    """A stable hash of a bundle's ``preprocessing`` definition (for the pair cache)."""
+    text = json.dumps(inference_config.get("preprocessing"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def load_pair(path: Path) -> dict[str, np.ndarray]:

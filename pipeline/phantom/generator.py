@@ -131,7 +131,7 @@ def make_head_case(
     volume = sampled[..., 0] - 1000.0
     mask = sampled[..., 1] >= 0.5
 
-    sigma = noise_hu if noise_hu is not None else rng.uniform(2.5, 6.0) * math.sqrt(5.0 / slice_thickness)
+    sigma = noise_hu if noise_hu is not None else rng.uniform(2.0, 5.0) * math.sqrt(5.0 / slice_thickness)
     noise = ndi.gaussian_filter(rng.standard_normal(volume.shape, dtype=np.float32), (0, 0.7, 0.7))
     volume += noise * (sigma / max(float(noise.std()), 1e-6))
     np.clip(volume, -1024, 3071, out=volume)

@@ -2,7 +2,7 @@
 
 Each ``add_*`` function blends blood into ``hu`` with a soft edge (partial volume) and
 raises ``label`` (float, 0..1) where it did; the generator thresholds the resampled label
-at 0.5. Acute blood is 50-90 HU; calcifications (the classic mimic) are brighter and
+at 0.5. Acute blood is 58-85 HU (with texture); calcifications (the classic mimic) are brighter and
 are painted into studies with and without bleeds, as are hypodense old infarcts.
 """
 
@@ -43,7 +43,7 @@ def _pick(rng: np.random.Generator, candidates: np.ndarray) -> np.ndarray:
 
 
 def _blood(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    return rng.uniform(52, 85) + 3.0 * smooth_field(rng, shape, 4.0)
+    return rng.uniform(58, 85) + 3.0 * smooth_field(rng, shape, 4.0)
 
 
 def add_intraparenchymal(anatomy: Anatomy, hu: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> None:
