@@ -148,16 +148,7 @@ def store_results(rt: Runtime, study_uid: str, revision: int, result_path: Path)
     t2 = time.perf_counter()
     with session_scope(rt.session_factory) as session:
         study = _study(session, study_uid)
-        row = session.scalar(
-            select(AIResult).where(
-                AIResult.study_id == study.id, AIResult.revision == revision,
-                AIResult.model_name == result.model.name, AIResult.model_version == result.model.version,
-            )
-        )
-        if row is None:
-            row = AIResult(study_id=study.id, revision=revision, model_name=result.model.name,
-                           model_version=result.model.version)
-            session.add(row)
+        row = _result_row(session, study, revision, result.model.name, result.model.version)
         row.SourceSeriesInstanceUID = result.series_instance_uid
         row.SegSOPInstanceUID = uids.seg_sop
         row.SRSOPInstanceUID = uids.sr_sop
@@ -183,6 +174,20 @@ def store_results(rt: Runtime, study_uid: str, revision: int, result_path: Path)
     }
 
 
+def _result_row(session, study: Study, revision: int, model_name: str, model_version: str) -> AIResult:
+    """The result row of one model on one study revision, created when missing (idempotent)."""
+    row = session.scalar(
+        select(AIResult).where(
+            AIResult.study_id == study.id, AIResult.revision == revision,
+            AIResult.model_name == model_name, AIResult.model_version == model_version,
+        )
+    )
+    if row is None:
+        row = AIResult(study_id=study.id, revision=revision, model_name=model_name, model_version=model_version)
+        session.add(row)
+    return row
+
+
 def _key_image(sop_uids: list[str], mask) -> str:
     """The source image on which the mask is largest (the first image when empty)."""
     areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
@@ -194,16 +199,7 @@ def record_failure(rt: Runtime, study_uid: str, revision: int, model_name: str, 
     from pipeline.index.db import session_scope
 
     with session_scope(rt.session_factory) as session:
-        study = _study(session, study_uid)
-        row = session.scalar(
-            select(AIResult).where(
-                AIResult.study_id == study.id, AIResult.revision == revision,
-                AIResult.model_name == model_name, AIResult.model_version == model_version,
-            )
-        )
-        if row is None:
-            row = AIResult(study_id=study.id, revision=revision, model_name=model_name, model_version=model_version)
-            session.add(row)
+        row = _result_row(session, _study(session, study_uid), revision, model_name, model_version)
         row.ok, row.error = False, error[:2000]
 
 
