@@ -49,10 +49,10 @@ class CaseRecipe:
                 f"-{self.pixel_spacing:.3f}-{self.slice_thickness:.2f}")
 
 
-def recipe(seed: int, *, positive_fraction: float = 0.65, full_size_fraction: float = 0.25) -> CaseRecipe:
+def recipe(seed: int, *, positive_fraction: float = 0.65, full_size_fraction: float = 0.4) -> CaseRecipe:
     """A study drawn from the range of scanners we expect, decided by ``seed`` alone.
 
-    Most are reduced in-plane (256 pixels at 0.8-1.0 mm: cheap to make); some are the
+    Most are reduced in-plane (256 pixels at 0.85-1.0 mm: cheap to make); the others the
     real thing (512 pixels at 0.4-0.5 mm). Slices are 2.5-5 mm.
     """
     rng = np.random.default_rng([seed, 7919])
