@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,8 @@ def _analyze(args: argparse.Namespace, settings: Settings) -> int:
         raise PermanentError(f"{study} holds no files")
     registry = load_registry(settings.models.dir)
     for item in registry.unavailable:
-        print(f"note: model {item.name} unavailable: {item.reason}")
+        # On stderr: stdout stays parseable with --json.
+        print(f"note: model {item.name} unavailable: {item.reason}", file=sys.stderr)
     analyses = analyze_study(registry, files, model_name=args.model, device=args.device or settings.models.device)
     entries = [_entry(a) for a in analyses]
     if args.json:

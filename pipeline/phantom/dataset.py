@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.phantom.atlas import cache_dir
-from pipeline.phantom.generator import PhantomCase, case_volume, make_head_case
+from pipeline.phantom.generator import HEAD_COVERAGE_MM, PhantomCase, case_volume, make_head_case
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 4  # bump when the phantom changes, so cached pairs are rebuilt
+GENERATOR_VERSION = 5  # bump when the phantom changes, so cached pairs are rebuilt
 
 
 @dataclass(frozen=True)
@@ -38,29 +39,43 @@ class CaseRecipe:
     columns: int
     pixel_spacing: float
     slice_thickness: float
+    slices: int | None = None  # None: the whole head
+    z_offset_mm: float = 0.0
 
     def make(self) -> PhantomCase:
         return make_head_case(self.seed, self.finding, rows=self.rows, columns=self.columns,  # type: ignore[arg-type]
-                              pixel_spacing=self.pixel_spacing, slice_thickness=self.slice_thickness)
+                              pixel_spacing=self.pixel_spacing, slice_thickness=self.slice_thickness,
+                              slices=self.slices, z_offset_mm=self.z_offset_mm)
 
     @property
     def key(self) -> str:
+        partial = f"-n{self.slices}{self.z_offset_mm:+.1f}" if self.slices else ""
         return (f"v{GENERATOR_VERSION}-s{self.seed}-{self.finding}-{self.rows}x{self.columns}"
-                f"-{self.pixel_spacing:.3f}-{self.slice_thickness:.2f}")
+                f"-{self.pixel_spacing:.3f}-{self.slice_thickness:.2f}{partial}")
 
 
-def recipe(seed: int, *, positive_fraction: float = 0.65, full_size_fraction: float = 0.4) -> CaseRecipe:
+def recipe(seed: int, *, positive_fraction: float = 0.65, full_size_fraction: float = 0.4,
+           partial_fraction: float = 0.3) -> CaseRecipe:
     """A study drawn from the range of scanners we expect, decided by ``seed`` alone.
 
     Most are reduced in-plane (256 pixels at 0.85-1.0 mm: cheap to make); the others the
-    real thing (512 pixels at 0.4-0.5 mm). Slices are 2.5-5 mm.
+    real thing (512 pixels at 0.4-0.5 mm). Slices are 2.5-5 mm. ``partial_fraction`` of
+    them cover only 40-80 % of the head (at least 16 slices), the scan range placed
+    anywhere along it, so the top or bottom image cuts through the brain.
     """
     rng = np.random.default_rng([seed, 7919])
     finding = "hemorrhage" if rng.random() < positive_fraction else "none"
     thickness = float(rng.choice([2.5, 3.0, 4.0, 5.0]))
     if rng.random() < full_size_fraction:
-        return CaseRecipe(seed, finding, 512, 512, round(float(rng.uniform(0.4, 0.5)), 3), thickness)
-    return CaseRecipe(seed, finding, 256, 256, round(float(rng.uniform(0.85, 1.0)), 3), thickness)
+        size, pixel = 512, round(float(rng.uniform(0.4, 0.5)), 3)
+    else:
+        size, pixel = 256, round(float(rng.uniform(0.85, 1.0)), 3)
+    slices, offset = None, 0.0
+    if rng.random() < partial_fraction:
+        whole = math.ceil(HEAD_COVERAGE_MM / thickness)
+        slices = max(16, round(whole * float(rng.uniform(0.4, 0.8))))
+        offset = round(float(rng.uniform(-1, 1)) * (whole - slices) * thickness / 2, 1)
+    return CaseRecipe(seed, finding, size, size, pixel, thickness, slices, offset)
 
 
 def training_pair(preprocessing: Callable[[dict], dict], case: PhantomCase) -> tuple[np.ndarray, np.ndarray]:

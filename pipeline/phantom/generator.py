@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from pipeline.volume import Volume
 
 Finding = Literal["hemorrhage", "none"]
-BLOOD_VISIBLE_HU = (40.0, 130.0)
+BLOOD_VISIBLE_HU = (50.0, 130.0)
+HEAD_COVERAGE_MM = 175.0  # scan range that covers the whole head
 
 
 @dataclass
@@ -73,6 +74,7 @@ def make_head_case(
     pixel_spacing: float = 0.45,
     slice_thickness: float = 5.0,
     slices: int | None = None,
+    z_offset_mm: float = 0.0,
     noise_hu: float | None = None,
 ) -> PhantomCase:
     """Generate one head CT; see :func:`make_head_ct`. Returns the :class:`PhantomCase`."""
@@ -100,7 +102,8 @@ def make_head_case(
     if pixel_spacing / 2.355 > 0.5:
         hu = ndi.gaussian_filter(hu, (0, pixel_spacing / 2.355, pixel_spacing / 2.355), truncate=2.5)
     # The truth is the blood a reader can see: not where the slice is mostly bone (a thin
-    # bleed under the skull at the vertex) nor mostly CSF (the edge of a ventricle).
+    # bleed under the skull at the vertex), nor where partial volume leaves it no denser
+    # than grey matter (the edge of a thin bleed, a ventricle's rim).
     label *= (hu >= BLOOD_VISIBLE_HU[0]) & (hu <= BLOOD_VISIBLE_HU[1])
 
     image = sitk.GetImageFromArray(hu)
@@ -112,10 +115,11 @@ def make_head_case(
         (float(xx.mean()), float(yy.mean()), float(zz.mean())))
     transform = _pose(rng, centre, anatomy.reference)
 
-    slices = slices or math.ceil(175.0 / slice_thickness)
+    slices = slices or math.ceil(HEAD_COVERAGE_MM / slice_thickness)
     size = (columns, rows, slices)
     spacing_xyz = (pixel_spacing, pixel_spacing, slice_thickness)
     origin = tuple(c - (n - 1) * s / 2 for c, n, s in zip(centre, size, spacing_xyz))
+    origin = (origin[0], origin[1], origin[2] + z_offset_mm)  # scan range moved up (+) or down
     grid = sitk.Image(size, sitk.sitkUInt8)
     grid.SetSpacing(spacing_xyz)
     grid.SetOrigin(origin)
@@ -158,7 +162,9 @@ def make_head_ct(
         given as ``kinds=[...]`` (:class:`BleedKind` values); ``"none"`` paints none.
     **kwargs
         ``rows``, ``columns``, ``pixel_spacing`` (mm), ``slice_thickness`` (mm),
-        ``slices`` (default: enough to cover the head), ``noise_hu``.
+        ``slices`` (default: enough to cover the head; fewer cut the head at the top
+        and bottom of the scan range, as a partial scan does), ``z_offset_mm`` (moves
+        the scan range along the patient's axis), ``noise_hu``.
 
     Returns
     -------

@@ -133,14 +133,39 @@ def evaluate_model(
     return evaluation
 
 
+COMPONENT_CANDIDATES_ML = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
 @dataclass
 class Calibration:
-    """The study-level volume threshold chosen on validation studies, and how it was chosen."""
+    """The study-level rule chosen on validation studies, and how it was chosen."""
 
     min_volume_ml: float
+    min_component_ml: float
     sensitivity: float
     specificity: float
-    studies: list[tuple[bool, float]]  # (truth present, volume found before the volume rule)
+    studies: list[tuple[bool, float]]  # (truth present, volume found under the chosen speck size)
+
+
+def _rates(volumes: list[tuple[bool, float]], threshold: float) -> tuple[float, float]:
+    pos = [v >= threshold for t, v in volumes if t]
+    neg = [v < threshold for t, v in volumes if not t]
+    return (sum(pos) / len(pos) if pos else 1.0), (sum(neg) / len(neg) if neg else 1.0)
+
+
+def _best_threshold(volumes: list[tuple[bool, float]], floor_ml: float) -> tuple[float, float, float]:
+    """``(youden, margin, threshold)``: the best cut between two neighbouring volumes.
+
+    The threshold sits at the geometric middle of the gap it cuts (volumes below
+    ``floor_ml`` count as ``floor_ml``); ``margin`` is the log width of that gap.
+    """
+    values = sorted({max(v, floor_ml) for _, v in volumes} | {floor_ml})
+    best = (-1.0, 0.0, floor_ml)
+    for low, high in zip(values, values[1:]):
+        threshold = math.sqrt(low * high)
+        sensitivity, specificity = _rates(volumes, threshold)
+        best = max(best, (round(sensitivity + specificity - 1, 9), math.log(high / low), threshold))
+    return best
 
 
 def calibrate_min_volume(
@@ -150,32 +175,35 @@ def calibrate_min_volume(
     finding_label: str | None = None,
     device: str = "auto",
     floor_ml: float = 0.1,
+    component_candidates_ml: Iterable[float] = COMPONENT_CANDIDATES_ML,
 ) -> Calibration:
-    """Choose ``min_volume_ml`` (finding present from this volume on) on validation studies.
+    """Choose ``min_component_ml`` and ``min_volume_ml`` on validation studies.
 
-    Picks the threshold with the highest Youden index (sensitivity + specificity - 1),
-    the smaller one on ties (a triage tool would rather over-call), never below
-    ``floor_ml``. Use seeds that neither training nor the final evaluation uses.
+    A finding is present when the components of at least ``min_component_ml`` add up to
+    ``min_volume_ml``. The pair with the highest Youden index (sensitivity +
+    specificity - 1) wins; among ties, the one whose volume threshold has the widest gap
+    to the nearest study on either side (it sits in the geometric middle of that gap), so
+    that the rule does not hinge on one validation study. Use seeds that neither
+    training nor the final evaluation uses.
     """
     from pipeline.inference import load_model, predict
-    from pipeline.measure import make_finding
+    from pipeline.measure import components
 
     spec = next(f for f in model.spec.findings if f.label == (finding_label or model.spec.findings[0].label))
-    raw_spec = spec.model_copy(update={"min_volume_ml": 0.0})
     loaded = load_model(model, device)
-    studies = []
+    found: list[tuple[bool, list[float]]] = []
     for item in recipes:
         case = item.make()
         volume = case_volume(case, seed=item.seed)
-        finding = make_finding(predict(loaded, volume)[spec.channel], volume, raw_spec)
-        studies.append((bool(case.label.any()), finding.volume_ml))
-    candidates = sorted({floor_ml, *(v + 1e-3 for _, v in studies if v >= floor_ml)})
+        labels, count = components(predict(loaded, volume)[spec.channel] >= spec.voxel_threshold)
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:] * volume.voxel_volume_ml
+        found.append((bool(case.label.any()), [float(s) for s in sizes]))
 
-    def rates(threshold: float) -> tuple[float, float]:
-        pos = [v >= threshold for t, v in studies if t]
-        neg = [v < threshold for t, v in studies if not t]
-        return (sum(pos) / len(pos) if pos else 1.0), (sum(neg) / len(neg) if neg else 1.0)
+    def volumes(min_component_ml: float) -> list[tuple[bool, float]]:
+        return [(truth, sum(s for s in sizes if s >= min_component_ml)) for truth, sizes in found]
 
-    best = max(candidates, key=lambda t: (sum(rates(t)) - 1, -t))
-    sensitivity, specificity = rates(best)
-    return Calibration(math.ceil(best * 100) / 100, sensitivity, specificity, studies)
+    choices = [(*_best_threshold(volumes(c), floor_ml), c) for c in sorted(component_candidates_ml)]
+    _, _, threshold, component = max(choices)
+    chosen = volumes(component)
+    sensitivity, specificity = _rates(chosen, round(threshold, 2))
+    return Calibration(round(threshold, 2), component, sensitivity, specificity, chosen)

@@ -41,3 +41,16 @@ def test_same_seed_same_study_and_none_means_no_bleed() -> None:
     # A head in air: brain, skull and air all present in HU.
     assert (volume < -900).mean() > 0.2 and (volume > 700).mean() > 0.01
     assert ((volume > 20) & (volume < 45)).mean() > 0.05
+
+
+def test_a_partial_scan_cuts_the_head_where_its_range_ends() -> None:
+    whole = make_head_case(79, "none", **SMALL)
+    upper = make_head_case(79, "none", slices=16, z_offset_mm=40.0, **SMALL)
+    lower = make_head_case(79, "none", slices=16, z_offset_mm=-40.0, **SMALL)
+    assert upper.volume_hu.shape == lower.volume_hu.shape == (16, 160, 160)
+    assert upper.origin[2] - lower.origin[2] == pytest.approx(80.0)
+    brain = [((c.volume_hu > 20) & (c.volume_hu < 45)).mean(axis=(1, 2)) for c in (whole, upper, lower)]
+    # The whole head starts and ends outside the brain; a 16-slice range inside it does not.
+    assert brain[0][0] < 0.01 and brain[0][-1] < 0.01
+    assert brain[1][-1] > 0.02 or brain[1][0] > 0.02
+    assert brain[2][-1] > 0.02 or brain[2][0] > 0.02

@@ -136,16 +136,17 @@ def test_a_broken_bundle_is_listed_with_its_reason_and_does_not_stop_the_others(
     shutil.copytree(bundle_copy, duplicate)
     newer = models / "head_ct_hemorrhage_next"
     shutil.copytree(bundle_copy, newer)
-    _edit_json(newer / "metadata.json", lambda m: m.update(version="0.2.0", changelog={**m["changelog"], "0.2.0": "next"}))
+    _edit_json(newer / "metadata.json", lambda m: m.update(version="9.0.0", changelog={**m["changelog"], "9.0.0": "next"}))
 
     registry = load_registry(models)
 
-    assert sorted(m.key for m in registry.available) == ["head_ct_hemorrhage@0.1.0", "head_ct_hemorrhage@0.2.0"]
+    current = json.loads((bundle_copy / "metadata.json").read_text())["version"]
+    assert sorted(m.key for m in registry.available) == [f"head_ct_hemorrhage@{current}", "head_ct_hemorrhage@9.0.0"]
     reasons = {u.name: u.reason for u in registry.unavailable}
     assert set(reasons) == {"broken_model", "head_ct_hemorrhage_copy"}
     assert "not valid JSON" in reasons["broken_model"]
     assert "already provided by head_ct_hemorrhage" in reasons["head_ct_hemorrhage_copy"]
-    assert registry.get("head_ct_hemorrhage").version == "0.2.0"
-    assert registry.get("head_ct_hemorrhage", "0.1.0").path == bundle_copy.resolve()
+    assert registry.get("head_ct_hemorrhage").version == "9.0.0"
+    assert registry.get("head_ct_hemorrhage", current).path == bundle_copy.resolve()
     with pytest.raises(ConfigError, match="broken_model.*not valid JSON"):
         registry.get("broken_model")

@@ -1,0 +1,52 @@
+"""The reference model finds bleeds in studies it never saw, and stays silent without one.
+
+Seeds 3,000,000+ were used neither for training (0-159) nor for the model card's
+evaluation (1,000,000+). Assertions are on the study-level result a radiologist sees.
+Some scans cover the whole head, others only part of it (the first or last image cuts
+through the brain).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.findings import Priority
+from pipeline.inference import run_model
+from pipeline.phantom.generator import case_volume, make_head_case
+
+GEOMETRY = dict(rows=256, columns=256, pixel_spacing=0.9, slice_thickness=5.0)
+WHOLE, PARTIAL = None, 24  # slices: the whole head, or 120 mm of it around its centre
+CASES = [
+    (3_000_001, "hemorrhage", "intraparenchymal", WHOLE),
+    (3_000_002, "hemorrhage", "subdural", WHOLE),
+    (3_000_003, "hemorrhage", "epidural", PARTIAL),
+    (3_000_004, "hemorrhage", "intraventricular", WHOLE),
+    (3_000_005, "none", None, WHOLE),
+    (3_000_006, "none", None, WHOLE),
+    (3_000_007, "none", None, PARTIAL),
+    (3_000_008, "none", None, PARTIAL),
+]
+
+
+@pytest.mark.parametrize(("seed", "finding", "kind", "slices"), CASES,
+                         ids=[f"{c[0]}-{c[2] or 'none'}-{'partial' if c[3] else 'whole'}" for c in CASES])
+def test_bleeds_are_found_and_normal_heads_are_silent(reference_model, seed: int, finding: str, kind: str | None,  # type: ignore[no-untyped-def]
+                                                     slices: int | None) -> None:
+    case = make_head_case(seed, finding, kinds=[kind] if kind else None, slices=slices, **GEOMETRY)
+    assert finding == "none" or case.volume_ml > 0.5, "the bleed must be inside the scanned range"
+    volume = case_volume(case, seed=seed)
+
+    result = run_model(reference_model, volume, device="cpu")
+
+    (found,) = result.findings
+    assert result.source_sop_instance_uids == volume.sop_instance_uids
+    if finding == "hemorrhage":
+        assert found.present, f"missed a {kind} bleed of {case.volume_ml:.1f} ml (p={found.probability:.2f})"
+        assert result.priority in (Priority.URGENT, Priority.CRITICAL)
+        assert (found.mask & case.label).sum() > 0.3 * case.label.sum()  # on the bleed, not elsewhere
+        assert found.volume_ml == pytest.approx(case.volume_ml, rel=0.6, abs=1.0)
+    else:
+        assert not found.present, f"false alarm: {found.volume_ml:.1f} ml, p={found.probability:.2f}"
+        assert result.priority is Priority.ROUTINE
+        assert not found.mask.any()
