@@ -106,8 +106,8 @@ class EmbeddedPrefect:
 
     name = "embedded Prefect server"
 
-    def __init__(self, home: Path, port: int) -> None:
-        self.server = LocalPrefectServer(home, port or None, ui=True)
+    def __init__(self, home: Path, port: int, *, task_history: bool = False) -> None:
+        self.server = LocalPrefectServer(home, port or None, ui=True, task_history=task_history)
 
     def start(self) -> None:
         os.environ["PREFECT_API_URL"] = self.server.start()
@@ -125,7 +125,9 @@ def embedded_prefect(ctx: ServiceContext) -> EmbeddedPrefect | None:
         log.info("using the Prefect API at %s", os.environ["PREFECT_API_URL"])
         return None
     ctx.extras["embedded_prefect"] = True
-    return EmbeddedPrefect(Path(ctx.settings.storage.data_dir) / "prefect", ctx.settings.triage.embedded_prefect_port)
+    triage = ctx.settings.triage
+    return EmbeddedPrefect(Path(ctx.settings.storage.data_dir) / "prefect", triage.embedded_prefect_port,
+                           task_history=triage.embedded_prefect_task_history)
 
 
 def triage(ctx: ServiceContext, *, dispatch: bool = True) -> TriageOrchestration:

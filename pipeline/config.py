@@ -89,6 +89,10 @@ class TriageSettings(_Section):
     inference_slots: int = Field(1, ge=1)
     # Port of the embedded Prefect server (started when PREFECT_API_URL is not set); 0 = any free port.
     embedded_prefect_port: int = Field(4200, ge=0, le=65535)
+    # Embedded server only: record task runs for the Prefect UI. Off by default: on its
+    # SQLite database the task-run recorder's writes stall each study by ~2 s. Flow runs,
+    # states and logs are recorded either way; radtriage keeps per-step timings itself.
+    embedded_prefect_task_history: bool = False
 
 
 class ModelSettings(_Section):

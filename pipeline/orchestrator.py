@@ -61,24 +61,27 @@ class LocalPrefectServer:
         TCP port; a free one when omitted.
     ui
         Serve the Prefect UI too (useful for ``make run``, not for tests).
+    task_history
+        Record task runs (Prefect's task-run recorder service). On this server's SQLite
+        database its batched writes hold the write lock long enough to stall the next
+        API call by ~2 s (measured: a concurrency-slot request right after a flow run
+        starts), which is most of a study's orchestration time. Flow runs, their states
+        and logs are recorded either way.
     """
 
-    def __init__(self, home: Path, port: int | None = None, *, ui: bool = True) -> None:
+    def __init__(self, home: Path, port: int | None = None, *, ui: bool = True, task_history: bool = True) -> None:
         self.home = Path(home)
         self.port = port or free_port()
         self.ui = ui
+        self.task_history = task_history
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
 
-    def start(self, timeout: float = 90.0) -> str:
-        """Start the server and wait until its API is healthy; return the API URL."""
-        self.home.mkdir(parents=True, exist_ok=True)
-        prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
-        if prefect is None:
-            raise RadtriageError("the `prefect` command is not installed: run `make run` to set up .venv")
+    def environment(self) -> dict[str, str]:
+        """The server process's environment: ours, with its home, port and services set."""
         env = dict(os.environ)
         env.pop("PREFECT_API_URL", None)
         env.update(
@@ -88,7 +91,17 @@ class LocalPrefectServer:
             PREFECT_SERVER_API_HOST="127.0.0.1",
             PREFECT_SERVER_API_PORT=str(self.port),
             PREFECT_LOGGING_LEVEL="WARNING",
+            PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED="true" if self.task_history else "false",
         )
+        return env
+
+    def start(self, timeout: float = 90.0) -> str:
+        """Start the server and wait until its API is healthy; return the API URL."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
+        if prefect is None:
+            raise RadtriageError("the `prefect` command is not installed: run `make run` to set up .venv")
+        env = self.environment()
         log_file = open(self.home / "server.log", "ab")  # noqa: SIM115 - kept open for the child
         self._process = subprocess.Popen(
             [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
