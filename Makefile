@@ -8,7 +8,7 @@ APT_PACKAGES := dcmtk dicom3tools orthanc chromium chromium-driver
 CONFIG ?= config/default.toml
 PYTEST_ARGS ?=
 
-.PHONY: run test bench setup apt data constraints clean
+.PHONY: run test test-fast lint bench setup apt data constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,19 @@ data: setup
 run: setup
 	$(BIN)/radtriage --config $(CONFIG) serve
 
-test: setup
+# Lint, formatting, import contracts (pyproject.toml [tool.importlinter]) and cycles.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python scripts/check_import_cycles.py
+
+test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The inner loop: unit tests only (no servers, notebooks or Chromium), under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/ingest.py

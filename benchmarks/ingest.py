@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="radtriage,orthanc,storescp")
     parser.add_argument("--no-netns", action="store_true", help="do not enter a private network namespace")
     args = parser.parse_args(argv)
-    from pipeline.synth import synth_study
+    from pipeline.lab.synth import synth_study
 
     targets = args.targets.split(",")
     with tempfile.TemporaryDirectory(prefix="radtriage-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:

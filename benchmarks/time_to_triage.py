@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.phantom.generator import volume_generator  # noqa: E402
-from pipeline.synth import synth_study  # noqa: E402
+from pipeline.lab.phantom.generator import volume_generator  # noqa: E402
+from pipeline.lab.synth import synth_study  # noqa: E402
 from tests.peers.radtriage import RadtriageServer  # noqa: E402
 
 # "other": Prefect task orchestration between the steps and the index bookkeeping.

@@ -16,10 +16,10 @@ from uuid import UUID
 
 from prefect.context import refresh_global_settings_context
 
-from pipeline.dispatch import Dispatcher, recover_interrupted
-from pipeline.orchestrator import LocalPrefectServer
-from pipeline.runtime import Runtime, set_runtime
-from pipeline.service import ServiceContext
+from pipeline.config import Settings
+from pipeline.triage.dispatch import Dispatcher, recover_interrupted
+from pipeline.triage.prefect_server import LocalPrefectServer
+from pipeline.triage.runtime import Runtime, set_runtime
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,11 @@ class TriageOrchestration:
         self._thread: threading.Thread | None = None
         self.deployment_id: UUID | None = None
 
+    def wake_dispatcher(self) -> None:
+        """Dispatch now (the stability sweep calls this when studies turn stable)."""
+        if self.dispatcher is not None:
+            self.dispatcher.wake()
+
     def _wake_worker(self) -> None:
         if self.worker is not None:
             self.worker.wake()
@@ -82,7 +87,7 @@ class TriageOrchestration:
             try:
                 # Embedded: this process is the only worker, so a run left running is dead.
                 recover_interrupted(self.runtime.session_factory, running_is_stale_after=0 if self.embedded else 3600)
-            except Exception:  # noqa: BLE001 - recovery is best effort; the studies stay dispatched
+            except Exception:
                 log.exception("could not check for interrupted triage runs")
         self.worker = InProcessWorker(
             self.deployment_id, max_parallel=self.max_parallel_flows, poll_interval=self.poll_interval
@@ -119,34 +124,26 @@ class EmbeddedPrefect:
         self.server.stop()
 
 
-def embedded_prefect(ctx: ServiceContext) -> EmbeddedPrefect | None:
-    """Service factory: the embedded server, or nothing when an external API is configured."""
+def embedded_prefect(settings: Settings) -> EmbeddedPrefect | None:
+    """The embedded server, or nothing when an external API is configured."""
     if os.environ.get("PREFECT_API_URL"):
         log.info("using the Prefect API at %s", os.environ["PREFECT_API_URL"])
         return None
-    ctx.extras["embedded_prefect"] = True
-    triage = ctx.settings.triage
-    return EmbeddedPrefect(Path(ctx.settings.storage.data_dir) / "prefect", triage.embedded_prefect_port,
+    triage = settings.triage
+    return EmbeddedPrefect(Path(settings.storage.data_dir) / "prefect", triage.embedded_prefect_port,
                            task_history=triage.embedded_prefect_task_history)
 
 
-def triage(ctx: ServiceContext, *, dispatch: bool = True) -> TriageOrchestration:
-    """Service factory: deployment, in-process worker and (for serve) the dispatcher."""
-    runtime = Runtime(settings=ctx.settings, engine=ctx.engine, session_factory=ctx.session_factory, archive=ctx.archive)
+def triage_orchestration(runtime: Runtime, *, dispatch: bool = True, embedded: bool = False) -> TriageOrchestration:
+    """Deployment, in-process worker and (for serve) the dispatcher, over ``runtime``.
+
+    ``runtime`` becomes this process's runtime: the flow runs the worker executes here
+    use its index, archive and model registry.
+    """
     set_runtime(runtime)
-    settings = ctx.settings.triage
-    orchestration = TriageOrchestration(
-        runtime, dispatch=dispatch, embedded="embedded_prefect" in ctx.extras,
+    settings = runtime.settings.triage
+    return TriageOrchestration(
+        runtime, dispatch=dispatch, embedded=embedded,
         max_parallel_flows=settings.max_parallel_flows,
         inference_slots=settings.inference_slots,
     )
-    ctx.extras["triage"] = orchestration
-    sweeper = ctx.extras.get("stability")
-    if sweeper is not None and orchestration.dispatcher is not None:
-        dispatcher = orchestration.dispatcher
-        sweeper.on_stable = lambda _uids: dispatcher.wake()
-    forwarder = ctx.extras.get("forwarder")
-    if forwarder is not None:
-        # Results queued by a flow run in this process go out at once.
-        runtime.on_results_stored = forwarder.wake
-    return orchestration

@@ -1,6 +1,6 @@
 """Prefect flow ``triage-study``: from a stable study to SEG + SR, forwards and worklist.
 
-Thin wiring over :mod:`pipeline.analysis`. Tasks pass UIDs and paths. Only
+Thin wiring over :mod:`pipeline.triage.steps`. Tasks pass UIDs and paths. Only
 :class:`~pipeline.errors.TransientError` is retried (archive busy, GPU out of memory);
 anything else a model raises is permanent for that study and shown on the worklist.
 """
@@ -17,9 +17,9 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
-from pipeline import analysis
 from pipeline.errors import TransientError, describe_error
-from pipeline.runtime import get_runtime
+from pipeline.triage import steps
+from pipeline.triage.runtime import get_runtime
 
 log = logging.getLogger(__name__)
 
@@ -49,35 +49,35 @@ _RETRIES: dict[str, Any] = dict(
 
 @task(name="begin-run", **_RETRIES)
 def begin_run(study_uid: str, revision: int) -> None:
-    analysis.begin_run(get_runtime(), study_uid, revision, str(runtime.flow_run.id or ""))
+    steps.begin_run(get_runtime(), study_uid, revision, str(runtime.flow_run.id or ""))
 
 
 @task(name="plan-models", **_RETRIES)
 def plan_models(study_uid: str) -> list[dict[str, str]]:
-    return [p.__dict__ for p in analysis.plan_models(get_runtime(), study_uid)]
+    return [p.__dict__ for p in steps.plan_models(get_runtime(), study_uid)]
 
 
 @task(name="run-inference", **_RETRIES)
 def run_inference(study_uid: str, revision: int, model_name: str, series_uid: str) -> tuple[str, dict[str, float]]:
     # The model step alone holds the scarce resource (GPU or CPU cores, model memory).
     with concurrency(inference_limit_name(), occupy=1):
-        path, timings = analysis.run_inference(get_runtime(), study_uid, revision, model_name, series_uid)
+        path, timings = steps.run_inference(get_runtime(), study_uid, revision, model_name, series_uid)
     return str(path), timings
 
 
 @task(name="store-results", **_RETRIES)
 def store_results(study_uid: str, revision: int, result_path: str) -> dict[str, Any]:
-    return analysis.store_results(get_runtime(), study_uid, revision, Path(result_path))
+    return steps.store_results(get_runtime(), study_uid, revision, Path(result_path))
 
 
 @task(name="record-failure", **_RETRIES)
 def record_failure(study_uid: str, revision: int, model_name: str, model_version: str, error: str) -> None:
-    analysis.record_failure(get_runtime(), study_uid, revision, model_name, model_version, error)
+    steps.record_failure(get_runtime(), study_uid, revision, model_name, model_version, error)
 
 
 @task(name="finish-run", **_RETRIES)
 def finish_run(study_uid: str, revision: int, timings: dict[str, float]) -> dict[str, Any]:
-    return analysis.finish_run(get_runtime(), study_uid, revision, timings)
+    return steps.finish_run(get_runtime(), study_uid, revision, timings)
 
 
 @flow(name="triage-study", log_prints=False)

@@ -10,9 +10,8 @@ small thread pool here. It is what ``radtriage serve`` and ``radtriage worker`` 
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
@@ -22,11 +21,12 @@ from prefect.states import Pending
 from prefect.utilities.engine import propose_state_sync
 
 from flows.triage import triage_study
+from pipeline.process.component import PollLoop
 
 log = logging.getLogger(__name__)
 
 
-class InProcessWorker:
+class InProcessWorker(PollLoop):
     """Poll one deployment for scheduled runs and execute them in threads.
 
     Parameters
@@ -40,39 +40,30 @@ class InProcessWorker:
         Seconds between polls when not woken by :meth:`wake`.
     """
 
+    name = "in-process triage worker"
+    thread_name = "triage-worker"
+
     def __init__(self, deployment_id: UUID, *, max_parallel: int = 2, poll_interval: float = 2.0) -> None:
+        super().__init__(poll_interval)
         self.deployment_id = deployment_id
         self.max_parallel = max_parallel
-        self.poll_interval = poll_interval
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="triage-flow")
         self._running: dict[UUID, Future[object]] = {}
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="triage-worker", daemon=True)
-        self._thread.start()
-
-    def wake(self) -> None:
-        """Poll now (the dispatcher calls this after creating a flow run)."""
-        self._wake.set()
+    @property
+    def poll_interval(self) -> float:
+        return self.interval
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        super().stop(timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll_once()
-            except Exception:  # noqa: BLE001 - API down: log and poll again later
-                log.warning("cannot poll Prefect for triage runs; retrying", exc_info=log.isEnabledFor(logging.DEBUG))
-            self._wake.wait(self.poll_interval)
-            self._wake.clear()
+    def run_once(self) -> None:
+        self.poll_once()
+
+    def round_failed(self, err: Exception) -> None:
+        # The API down is expected during restarts: one line, the traceback only in debug.
+        log.warning("cannot poll Prefect for triage runs (%s); retrying", err, exc_info=log.isEnabledFor(logging.DEBUG))
 
     def poll_once(self) -> int:
         """Claim and start the scheduled runs that fit in the free slots; return how many."""
@@ -83,7 +74,7 @@ class InProcessWorker:
         started = 0
         with get_client(sync_client=True) as client:
             runs = client.get_scheduled_flow_runs_for_deployments(
-                [self.deployment_id], scheduled_before=datetime.now(timezone.utc), limit=free
+                [self.deployment_id], scheduled_before=datetime.now(UTC), limit=free
             )
             for flow_run in runs:
                 if flow_run.id in self._running:
@@ -103,6 +94,6 @@ class InProcessWorker:
     def _execute(flow_run: object) -> object:
         try:
             return run_flow(triage_study, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
-        except BaseException:  # noqa: BLE001 - keep the worker alive; the engine recorded the state
+        except BaseException:
             log.exception("flow run %s crashed", getattr(flow_run, "name", flow_run))
             return None

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.errors import RadtriageError  # noqa: E402
-from pipeline.phantom.atlas import HEAD_CT_ATLAS, fetch  # noqa: E402
+from pipeline.errors import RadtriageError
+from pipeline.lab.phantom.atlas import HEAD_CT_ATLAS, fetch
 
 DATASETS = [HEAD_CT_ATLAS]
 

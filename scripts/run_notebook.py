@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.zoo.notebook import execute_notebook  # noqa: E402
+from pipeline.lab.notebook import execute_notebook
 
 
 def _parameter(text: str) -> tuple[str, object]:

@@ -42,9 +42,9 @@ def _entry(analysis: Any) -> dict[str, Any]:
 
 
 def _analyze(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.ai.inference import analyze_study
+    from pipeline.ai.registry import load_registry
     from pipeline.errors import PermanentError
-    from pipeline.inference import analyze_study
-    from pipeline.zoo.registry import load_registry
 
     study = Path(args.study_dir)
     if not study.is_dir():

@@ -39,8 +39,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # allowed_aes accepts.
     from pipeline.forward.queue import Target
     from pipeline.forward.scu import Item, store_items
-    from pipeline.phantom.generator import volume_generator
-    from pipeline.synth import synth_study
+    from pipeline.lab.phantom.generator import volume_generator
+    from pipeline.lab.synth import synth_study
 
     target = Target(*args.to) if args.to else Target(settings.dicom.ae_title, "127.0.0.1", settings.dicom.port)
     failures = 0

@@ -26,9 +26,14 @@ def _describe(model: Any) -> dict[str, Any]:
 
 
 def _models(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.zoo.registry import load_registry
+    from pipeline.ai.registry import load_registry
 
-    registry = load_registry(settings.models.dir, deep=not args.quick)
+    check = None
+    if not args.quick:
+        from pipeline.ai.inference import check_loads
+
+        check = check_loads
+    registry = load_registry(settings.models.dir, check=check)
     if args.json:
         rows = [_describe(m) for m in registry.available]
         rows += [{"name": u.name, "status": "unavailable", "path": str(u.path), "reason": u.reason}

@@ -1,4 +1,8 @@
-"""``radtriage serve``: run radtriage in the foreground until SIGINT/SIGTERM."""
+"""``radtriage serve``: run radtriage in the foreground until SIGINT/SIGTERM.
+
+This is where the one-machine process is composed: which components run, in which
+order, and how they wake each other. Nothing below :mod:`pipeline.cli` knows the list.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,52 @@ import argparse
 from typing import Any
 
 from pipeline.config import Settings
+from pipeline.process.component import Component
+from pipeline.process.runner import ProcessRunner
+
+
+def build_serve(settings: Settings) -> ProcessRunner:
+    """Migrate the index, recover the archive, and wire every component of ``serve``.
+
+    Start order: receiver, stability sweep, forwarder, web app, then (when triage is
+    enabled) the embedded Prefect server and the triage orchestration (deployment,
+    dispatcher, in-process worker). The receiver never waits for Prefect.
+    """
+    from pipeline.dicom.receiver import DicomReceiver
+    from pipeline.forward import Forwarder
+    from pipeline.triage.runtime import Runtime
+    from pipeline.triage.stability import StabilitySweeper
+    from pipeline.web.server import WebServer
+
+    runtime = Runtime.from_settings(settings)
+    # Only the machine that receives cleans up after a crash of the archive's writer;
+    # a worker sharing the archive must not (it would remove files in flight).
+    runtime.archive.recover()
+    triage = settings.triage
+    sweeper = StabilitySweeper(runtime.session_factory, triage.stable_age_seconds, triage.sweep_interval_seconds)
+    forwarder = Forwarder(settings, runtime.archive, runtime.session_factory)
+    components: list[Component] = [
+        DicomReceiver(settings, runtime.archive),
+        sweeper,
+        forwarder,
+        WebServer(settings, runtime.session_factory, runtime.archive),
+    ]
+    if triage.enabled:
+        from flows.serve import embedded_prefect, triage_orchestration  # Prefect only when triage runs
+
+        embedded = embedded_prefect(settings)
+        orchestration = triage_orchestration(runtime, dispatch=True, embedded=embedded is not None)
+        sweeper.on_stable = lambda _uids: orchestration.wake_dispatcher()
+        # Results stored by a flow run in this process go out at once.
+        runtime.on_results_stored = forwarder.wake
+        if embedded is not None:
+            components.append(embedded)
+        components.append(orchestration)
+    return ProcessRunner(components, on_stop=runtime.engine.dispose)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.service import Service
-
-    return Service(settings).run()
+    return build_serve(settings).run()
 
 
 def register(subparsers: Any) -> None:

@@ -10,11 +10,11 @@ from pipeline.config import Settings
 
 
 def _synth(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.synth import VOLUME_GENERATORS, synth_study
+    from pipeline.lab.synth import VOLUME_GENERATORS, synth_study
 
     volume = VOLUME_GENERATORS[args.phantom]
     if args.finding is not None:
-        from pipeline.phantom.generator import volume_generator
+        from pipeline.lab.phantom.generator import volume_generator
 
         volume = volume_generator(args.finding)
     paths = synth_study(Path(args.out), seed=args.seed, slices=args.slices, rows=args.rows, cols=args.cols,
@@ -24,7 +24,7 @@ def _synth(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from pipeline.synth import VOLUME_GENERATORS
+    from pipeline.lab.synth import VOLUME_GENERATORS
 
     parser = subparsers.add_parser("synth", help="write a synthetic CT study (DICOM files)")
     parser.add_argument("--out", required=True, help="output folder (created)")
@@ -35,6 +35,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--phantom", choices=sorted(VOLUME_GENERATORS), default="head",
                         help="volume generator (default head)")
     parser.add_argument("--finding", choices=["hemorrhage", "none"],
-                        help="realistic head CT from real atlas anatomy (pipeline.phantom), with or without an "
+                        help="realistic head CT from real atlas anatomy (pipeline.lab.phantom), with or without an "
                              "acute intracranial hemorrhage; replaces --phantom")
     parser.set_defaults(func=_synth)

@@ -59,8 +59,8 @@ def add_user(args: argparse.Namespace, settings: Settings) -> int:
 def list_users(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy import select
 
+    from pipeline.index.accounts import User
     from pipeline.index.db import session_scope
-    from pipeline.index.web import User
 
     with session_scope(_factory(settings), readonly=True) as session:
         for user in session.scalars(select(User).order_by(User.username)):
@@ -72,8 +72,8 @@ def list_users(args: argparse.Namespace, settings: Settings) -> int:
 def disable_user(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy import delete, select
 
+    from pipeline.index.accounts import User, WebSession
     from pipeline.index.db import session_scope
-    from pipeline.index.web import User, WebSession
 
     with session_scope(_factory(settings)) as session:
         user = session.scalar(select(User).where(User.username == args.name))

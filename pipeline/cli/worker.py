@@ -8,10 +8,13 @@ from typing import Any
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
+from pipeline.process.runner import ProcessRunner
 
 
-def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.service import Service
+def build_worker(settings: Settings) -> ProcessRunner:
+    """The worker's one component: deployment registration and the in-process worker."""
+    from flows.serve import triage_orchestration
+    from pipeline.triage.runtime import Runtime
 
     if not os.environ.get("PREFECT_API_URL"):
         raise ConfigError("radtriage worker needs the shared Prefect server: set PREFECT_API_URL "
@@ -19,13 +22,12 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     if settings.index_url.startswith("sqlite"):
         raise ConfigError("radtriage worker needs the shared index: set [index] url (PostgreSQL) or "
                           "RADTRIAGE_INDEX__URL; SQLite cannot be shared between machines")
+    runtime = Runtime.from_settings(settings)  # no archive recovery: the receiving machine does that
+    return ProcessRunner([triage_orchestration(runtime, dispatch=False)], on_stop=runtime.engine.dispose)
 
-    def triage_worker(ctx: Any) -> Any:
-        from flows.serve import triage
 
-        return triage(ctx, dispatch=False)
-
-    return Service(settings, [triage_worker], recover_archive=False).run()
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    return build_worker(settings).run()
 
 
 def register(subparsers: Any) -> None:

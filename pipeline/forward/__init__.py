@@ -6,8 +6,17 @@ one association per destination per round, with exponential backoff and a dead s
 after ``forward.max_attempts``. ``radtriage forwards`` shows the queue.
 """
 
-from pipeline.forward.queue import KINDS, JobInfo, Outcome, Target, backoff_delay, enqueue_forwards, list_jobs, retry_now
-from pipeline.forward.service import ArchiveLike, Forwarder, RoundResult, deliver_due
+from pipeline.forward.forwarder import ArchiveLike, Forwarder, RoundResult, deliver_due
+from pipeline.forward.queue import (
+    KINDS,
+    JobInfo,
+    Outcome,
+    Target,
+    backoff_delay,
+    enqueue_forwards,
+    list_jobs,
+    retry_now,
+)
 
 __all__ = [
     "KINDS",

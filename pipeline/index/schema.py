@@ -3,13 +3,13 @@
 SQLAlchemy 2 declarative models over any SQL database (SQLite by default, PostgreSQL for
 scale-out). Column names follow DICOM keywords where the DICOM meaning is meant. Other
 parts of radtriage add their own tables to :class:`Base`; every table change needs an
-Alembic revision in ``pipeline/migrations/versions``.
+Alembic revision in ``pipeline/index/migrations/versions``.
 """
 
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
@@ -38,7 +38,7 @@ NAMING_CONVENTION = {
 
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC (what every timestamp column holds)."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -56,14 +56,14 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column; use pipeline.index.schema.utcnow()")
-        return value.astimezone(timezone.utc)
+        return value.astimezone(UTC)
 
     def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):

@@ -1,6 +1,6 @@
 """AI results as DICOM: binary SEG and TID 1500 Comprehensive 3D SR (highdicom).
 
-The triage flow calls, for one model's :class:`pipeline.findings.ModelResult`::
+The triage flow calls, for one model's :class:`pipeline.ai.findings.ModelResult`::
 
     uids = result_uids(study_uid, model.name, model.version, revision)
     seg = build_seg(images, result, settings.results,

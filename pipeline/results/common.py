@@ -10,9 +10,9 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from pipeline.ai.findings import Code, ModelIdentity, ModelResult
 from pipeline.config import ResultSettings
 from pipeline.errors import PermanentError
-from pipeline.findings import Code, ModelIdentity, ModelResult
 
 #: Manufacturer's Model Name of the software that writes SEG and SR.
 SOFTWARE_NAME = "radtriage"
@@ -27,7 +27,7 @@ def software_version() -> str:
 
 
 def coded(code: Code) -> hd.sr.CodedConcept:
-    """Turn a :class:`pipeline.findings.Code` into a highdicom coded concept."""
+    """Turn a :class:`pipeline.ai.findings.Code` into a highdicom coded concept."""
     return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 

@@ -1,4 +1,4 @@
-"""DICOM Segmentation (binary SEG) from a :class:`pipeline.findings.ModelResult`.
+"""DICOM Segmentation (binary SEG) from a :class:`pipeline.ai.findings.ModelResult`.
 
 One segment per finding, numbered in the order of ``result.findings`` (the model's
 output channels), so that segment numbers mean the same thing on every study and the
@@ -32,9 +32,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from pipeline.ai.findings import ModelResult
 from pipeline.config import ResultSettings
 from pipeline.errors import PermanentError
-from pipeline.findings import ModelResult
 from pipeline.results.common import (
     SOFTWARE_NAME,
     algorithm_identification,

@@ -23,9 +23,9 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from pipeline.ai.findings import Code, Finding, ModelIdentity, ModelResult
 from pipeline.config import ResultSettings
 from pipeline.errors import PermanentError
-from pipeline.findings import Code, Finding, ModelIdentity, ModelResult
 from pipeline.results.common import coded, model_equipment, ordered_sources
 
 logger = logging.getLogger(__name__)

@@ -50,7 +50,7 @@ def result_uids(
     study_instance_uid
         Study Instance UID of the analysed study.
     model_name, model_version
-        The model identity (as in :class:`pipeline.findings.ModelIdentity`).
+        The model identity (as in :class:`pipeline.ai.findings.ModelIdentity`).
     revision
         The study's revision number, ``>= 0``; increase it when the study changes
         after analysis so that the new results get new UIDs and supersede the old.

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select, text
 
-from pipeline.findings import Priority
+from pipeline.ai.findings import Priority
+from pipeline.index.accounts import AuditEvent
 from pipeline.index.db import session_scope
 from pipeline.index.triage import AIStatus
-from pipeline.index.web import AuditEvent
 from pipeline.web.auth import AuthUser, csrf_ok
 from pipeline.web.context import WebContext
-from pipeline.worklist import StudyNotFound, get_worklist_item, list_worklist, mark_read, mark_unread
+from pipeline.web.worklist import StudyNotFound, get_worklist_item, list_worklist, mark_read, mark_unread
 
 router = APIRouter()
 
@@ -58,7 +58,7 @@ def api_worklist(request: Request, status: str = "", priority: str = "", modalit
                               search=q or None, read={"true": True, "false": False}.get(read),
                               limit=max(1, min(limit, 10_000)))
     return JSONResponse({
-        "generated_at": datetime.now(timezone.utc).isoformat(),
+        "generated_at": datetime.now(UTC).isoformat(),
         "count": len(items),
         "studies": [item.to_json() for item in items],
     })

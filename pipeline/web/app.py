@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -43,7 +43,7 @@ def relative_time(when: datetime | None, now: datetime | None = None) -> str:
     """``"just now"``, ``"12 min ago"``, ``"3 h ago"``, ``"2 d ago"``."""
     if when is None:
         return ""
-    seconds = ((now or datetime.now(timezone.utc)) - when).total_seconds()
+    seconds = ((now or datetime.now(UTC)) - when).total_seconds()
     if seconds < 60:
         return "just now"
     if seconds < 3600:

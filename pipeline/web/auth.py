@@ -26,8 +26,8 @@ from sqlalchemy.orm import Session
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, RadtriageError
+from pipeline.index.accounts import LoginFailure, Role, User, WebSession
 from pipeline.index.schema import utcnow
-from pipeline.index.web import LoginFailure, Role, User, WebSession
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import Settings
+from pipeline.index.accounts import AuditEvent
 from pipeline.index.db import session_scope
 from pipeline.index.schema import Instance, Series, SeriesOrigin, Study
-from pipeline.index.web import AuditEvent
 from pipeline.web.auth import Authenticator
 from pipeline.web.imaging import SliceRenderer
 
@@ -45,7 +45,7 @@ class WebContext:
                 session.add(AuditEvent(username=username[:64], remote_addr=remote_addr[:64], method=method[:8],
                                        path=path[:512], status_code=status_code, action=action[:64],
                                        StudyInstanceUID=study_uid[:64], detail=detail))
-        except Exception:  # noqa: BLE001 - the answer is already decided; the error log keeps the record
+        except Exception:
             log.exception("could not write audit record %s %s %s by %s", method, path, status_code, username)
 
 

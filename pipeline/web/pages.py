@@ -16,7 +16,7 @@ from pipeline.index.triage import AIStatus
 from pipeline.web.auth import SESSION_COOKIE, SESSION_LIFETIME, AuthUser, LockedOut, csrf_ok, csrf_token
 from pipeline.web.context import WebContext, received_series, series_slices, study_instance
 from pipeline.web.imaging import OVERLAYS, WINDOWS, default_window
-from pipeline.worklist import StudyNotFound, get_worklist_item, list_worklist, mark_read, mark_unread
+from pipeline.web.worklist import StudyNotFound, get_worklist_item, list_worklist, mark_read, mark_unread
 
 log = logging.getLogger(__name__)
 router = APIRouter()

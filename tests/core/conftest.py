@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import shutil
-import signal
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +14,10 @@ import pytest
 
 from pipeline.archive import Archive
 from pipeline.config import Settings
+from pipeline.dicom.receiver import start_receiver
 from pipeline.index.db import migrate
-from pipeline.receiver import start_receiver
-from pipeline.synth import synth_study
+from pipeline.lab.synth import synth_study
+from tests.peers.radtriage import ServeProcess  # noqa: F401 - the serve harness the core tests import from here
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -87,74 +84,6 @@ def dataset_bytes(path: Path) -> bytes:
         read_preamble(fh, False)
         _read_file_meta_info(fh)
         return fh.read()
-
-
-class ServeProcess:
-    """``radtriage serve`` as a real process, optionally inside a prefix command."""
-
-    def __init__(self, config: Path, wrap: Callable[[list[str]], list[str]] | None = None) -> None:
-        self.config = config
-        self.wrap = wrap
-        self.proc: subprocess.Popen[str] | None = None
-        self.port = 0
-        self.log: list[str] = []
-
-    def start(self, timeout: float = 60.0) -> ServeProcess:
-        cmd = [sys.executable, "-m", "pipeline", "--config", str(self.config), "serve"]
-        if self.wrap is not None:
-            cmd = self.wrap(cmd)
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line and self.proc.poll() is not None:
-                    break
-                self.log.append(line)
-                match = re.search(r"listening on [\d.]+:(\d+)", line)
-                if match:
-                    self.port = int(match.group(1))
-                    return self
-            elif self.proc.poll() is not None:
-                break
-        self.kill()
-        raise AssertionError("radtriage serve did not start:\n" + "".join(self.log))
-
-    def drain(self) -> str:
-        """Whatever the server logged since the last call (non-blocking)."""
-        out = []
-        assert self.proc is not None and self.proc.stdout is not None
-        while select.select([self.proc.stdout], [], [], 0)[0]:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            out.append(line)
-        self.log.extend(out)
-        return "".join(out)
-
-    def wait_log(self, pattern: str, timeout: float = 30.0) -> str:
-        """Block until the server has logged a line matching ``pattern``; return the log."""
-        deadline = time.monotonic() + timeout
-        while not re.search(pattern, "".join(self.log)):
-            assert time.monotonic() < deadline, f"server never logged {pattern!r}:\n" + "".join(self.log)
-            assert self.proc is not None and self.proc.stdout is not None
-            if select.select([self.proc.stdout], [], [], 0.2)[0]:
-                line = self.proc.stdout.readline()
-                if line:
-                    self.log.append(line)
-        return "".join(self.log)
-
-    def kill(self, sig: int = signal.SIGKILL) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-        code = self.proc.wait(timeout=30)
-        self.drain() if self.proc.stdout and not self.proc.stdout.closed else None
-        return code
 
 
 def write_config(path: Path, data_dir: Path, *, index_url: str = "", allowed: str = '["*"]') -> Path:

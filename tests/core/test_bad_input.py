@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import MRImageStorage
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import MRImageStorage
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import func, select
@@ -67,7 +67,7 @@ def _edit(src: Path, dst: Path, **changes: object) -> Path:
 def test_missing_or_malformed_uid(keyword: str, value: str | None, reason: str, receiver: Receiver,
                                   study_files: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     bad = _edit(study_files[0], tmp_path / "bad.dcm", **{keyword: value})
-    with caplog.at_level(logging.WARNING, logger="pipeline.receiver"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.dicom.receiver"):
         result = storescu(receiver.port, bad)
     assert statuses(result) == [0xC001], result.stdout + result.stderr
     assert reason in caplog.text
@@ -111,7 +111,7 @@ def test_sop_class_mismatch(receiver: Receiver, study_files: list[Path], tmp_pat
     ds.save_as(bad, enforce_file_format=False)
     bad = _with_body(study_files[0], tmp_path / "mismatch-meta.dcm", dataset_bytes(bad))
     assert read_file_meta_info(bad).MediaStorageSOPClassUID == CTImageStorage
-    with caplog.at_level(logging.WARNING, logger="pipeline.receiver"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.dicom.receiver"):
         assert _send_file_as_is(receiver.port, bad) == 0xA900
     assert "differs from the request" in caplog.text
     assert _count(receiver) == 0 and _stored_files(receiver) == []
@@ -127,7 +127,7 @@ def test_dataset_that_does_not_parse(damage: str, receiver: Receiver, study_file
     else:
         body = body[: len(body) // 2]
     bad = _with_body(study_files[0], tmp_path / f"{damage}.dcm", body)
-    with caplog.at_level(logging.WARNING, logger="pipeline.receiver"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.dicom.receiver"):
         status = _send_file_as_is(receiver.port, bad)
     assert status == 0xC000
     assert "0xC000" in caplog.text
@@ -158,7 +158,7 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
                           index_url=f"sqlite:///{tmp_path / 'index.sqlite'}")
     server = ServeProcess(config, wrap=lambda cmd: [*wrapper, *cmd]).start()
     try:
-        from pipeline.synth import synth_study
+        from pipeline.lab.synth import synth_study
 
         images = synth_study(tmp_path / "big", seed=3, slices=8, rows=256, cols=256)  # ~131 KB each
         result = storescu(server.port, *images)

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from pipeline.index.db import create_index_engine, session_scope
 from pipeline.index.schema import Instance, Study, StudyState
-from pipeline.synth import synth_study
+from pipeline.lab.synth import synth_study
 from tests.core.conftest import ENV, HOST, ServeProcess, dataset_bytes, echoscu, write_config
 
 

@@ -40,7 +40,7 @@ def test_whole_study_is_indexed_and_byte_identical(receiver: Receiver, study_fil
 
     stored = receiver.archive.series_files(series_uid)
     assert len(stored) == len(study_files)
-    for sent, kept in zip(study_files, stored):  # both in InstanceNumber order
+    for sent, kept in zip(study_files, stored, strict=True):  # both in InstanceNumber order
         assert dataset_bytes(kept) == dataset_bytes(sent), f"{kept} differs from {sent}"
         assert kept.stat().st_size > 128 * 128 * 2
 
@@ -58,8 +58,8 @@ def test_resend_is_acknowledged_and_stored_once(receiver: Receiver, study_files:
 
 def test_unknown_calling_ae_rejected_allowed_accepted(tmp_path: Path, study_files: list[Path]) -> None:
     from pipeline.archive import Archive
+    from pipeline.dicom.receiver import start_receiver
     from pipeline.index.db import migrate
-    from pipeline.receiver import start_receiver
     from tests.core.conftest import make_settings
 
     settings = make_settings(tmp_path, allowed_aes=["CT_SCANNER"])

@@ -13,11 +13,11 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from pipeline.archive import Archive
+from pipeline.archive.header import InvalidUIDError, validate_uid
 from pipeline.config import Settings
-from pipeline.header import InvalidUIDError, validate_uid
 from pipeline.index.db import migrate, session_scope
 from pipeline.index.schema import Instance, Series, SeriesOrigin, Study, StudyState, utcnow
-from pipeline.stability import sweep_once
+from pipeline.triage.stability import sweep_once
 from tests.core.conftest import make_settings
 
 

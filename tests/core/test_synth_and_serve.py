@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from pipeline.synth import head_phantom, synth_study
+from pipeline.lab.synth import head_phantom, synth_study
 from tests.core.conftest import ENV, ROOT, ServeProcess, echoscu, require_tool, write_config
 
 

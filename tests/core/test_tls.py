@@ -11,9 +11,9 @@ from sqlalchemy import func, select
 
 from pipeline.archive import Archive
 from pipeline.config import Settings
+from pipeline.dicom.receiver import start_receiver
 from pipeline.index.db import migrate, session_scope
 from pipeline.index.schema import Instance
-from pipeline.receiver import start_receiver
 from tests.core.conftest import HOST, require_tool, statuses, storescu
 
 
@@ -80,8 +80,8 @@ def test_tls_with_client_certificates(pki: Path, tmp_path: Path, study_files: li
 
 
 def test_tls_misconfiguration_is_a_clear_error(tmp_path: Path) -> None:
+    from pipeline.dicom.receiver import ssl_context
     from pipeline.errors import ConfigError
-    from pipeline.receiver import ssl_context
 
     settings = Settings(dicom={"tls": {"enabled": True}})
     with pytest.raises(ConfigError, match="cert_file"):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
@@ -28,7 +28,7 @@ from tests.core.conftest import ENV, Receiver, dataset_bytes, require_tool, stat
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One 12-bit CT slice and one 8-bit copy (JPEG baseline needs 8 bits)."""
-    from pipeline.synth import synth_study
+    from pipeline.lab.synth import synth_study
 
     folder = tmp_path_factory.mktemp("ts")
     ct = synth_study(folder / "ct", seed=5, slices=1, rows=64, cols=64)[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.orchestrator import LocalPrefectServer
+from pipeline.triage.prefect_server import LocalPrefectServer
 
 
 @pytest.fixture(scope="session")

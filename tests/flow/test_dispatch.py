@@ -11,9 +11,9 @@ from sqlalchemy import delete, select
 from pipeline.index.db import session_scope
 from pipeline.index.schema import Study, StudyState
 from pipeline.index.triage import TriageRun
-from pipeline.runtime import Runtime
-from pipeline.stability import sweep_once
-from pipeline.synth import synth_study
+from pipeline.lab.synth import synth_study
+from pipeline.triage.runtime import Runtime
+from pipeline.triage.stability import sweep_once
 
 
 def _eventually(attempt, timeout: float = 30.0):
@@ -44,9 +44,10 @@ def _study_and_runs(rt: Runtime, study_uid: str) -> tuple[StudyState, list[tuple
 
 
 def test_study_waits_while_prefect_is_down_and_is_dispatched_when_it_is_back(prefect_server, flow_settings, tmp_path):
-    from flows.deployment import register_deployment
-    from pipeline.dispatch import Dispatcher
     from prefect.client.orchestration import get_client
+
+    from flows.deployment import register_deployment
+    from pipeline.triage.dispatch import Dispatcher
 
     register_deployment()
     rt = Runtime.from_settings(flow_settings)
@@ -75,7 +76,7 @@ def test_study_waits_while_prefect_is_down_and_is_dispatched_when_it_is_back(pre
 
 def test_a_crash_between_the_api_call_and_the_commit_does_not_dispatch_twice(prefect_server, flow_settings, tmp_path):
     from flows.deployment import register_deployment
-    from pipeline.dispatch import Dispatcher
+    from pipeline.triage.dispatch import Dispatcher
 
     register_deployment()
     rt = Runtime.from_settings(flow_settings)
@@ -97,10 +98,11 @@ def test_a_crash_between_the_api_call_and_the_commit_does_not_dispatch_twice(pre
 
 
 def test_a_run_that_died_with_its_process_is_dispatched_again_at_start(prefect_server, flow_settings, tmp_path):
-    from flows.deployment import register_deployment
-    from pipeline.dispatch import Dispatcher, recover_interrupted
     from prefect.client.orchestration import get_client
     from prefect.states import Running
+
+    from flows.deployment import register_deployment
+    from pipeline.triage.dispatch import Dispatcher, recover_interrupted
 
     register_deployment()
     rt = Runtime.from_settings(flow_settings)

@@ -7,15 +7,14 @@ from pathlib import Path
 import pytest
 
 from flows.serve import EmbeddedPrefect, embedded_prefect
-from pipeline.config import load_settings
-from pipeline.service import ServiceContext
+from pipeline.config import Settings, load_settings
 
 RECORDER = "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED"
 
 
-def _context() -> ServiceContext:
+def _context() -> Settings:
     # The factory reads settings only; nothing is started or opened here.
-    return ServiceContext(settings=load_settings(None), engine=None, archive=None)  # type: ignore[arg-type]
+    return load_settings(None)
 
 
 def test_the_embedded_server_skips_task_history_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pipeline.phantom.generator import volume_generator
-from pipeline.synth import synth_study
+from pipeline.lab.phantom.generator import volume_generator
+from pipeline.lab.synth import synth_study
 from tests.peers.orthanc import OrthancPeer
 from tests.peers.radtriage import RadtriageServer
 from tests.results.dicomtools import dciodvfy

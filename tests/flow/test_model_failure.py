@@ -8,13 +8,12 @@ import shutil
 from pathlib import Path
 
 import pydicom
-import pytest
 import torch
 
 from pipeline.index.db import session_scope
-from pipeline.runtime import Runtime, set_runtime
-from pipeline.synth import synth_study
-from pipeline.worklist import list_worklist
+from pipeline.lab.synth import synth_study
+from pipeline.triage.runtime import Runtime, set_runtime
+from pipeline.web.worklist import list_worklist
 
 REPO = Path(__file__).resolve().parents[2]
 CRASH = "model crash on this input"

@@ -14,8 +14,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.archive import Archive
 from pipeline.config import Settings, load_settings
 from pipeline.index.db import create_index_engine, make_session_factory, migrate
-from .objects import ResultObjects, result_objects
 from tests.peers.orthanc import OrthancPeer, free_port
+
+from .objects import ResultObjects, result_objects
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pydicom
-import pytest
 
 from pipeline.forward import Forwarder, deliver_due, enqueue_forwards, list_jobs
 from pipeline.index.db import session_scope

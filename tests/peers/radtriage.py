@@ -1,8 +1,9 @@
-"""``radtriage serve`` as a real child process, for end-to-end tests and benchmarks.
+"""``radtriage serve`` as a real child process, for tests, benchmarks and screenshots.
 
-Configured entirely by ``RADTRIAGE_*`` variables over ``config/default.toml``: its own
-data folder, free DICOM and web ports on 127.0.0.1, and the Prefect API the caller
-gives (so a test session shares one Prefect server).
+:class:`ServeProcess` runs it with a config file (the archive tests); :class:`RadtriageServer`
+is a whole installation configured by ``RADTRIAGE_*`` variables over
+``config/default.toml``: its own data folder, free DICOM and web ports on 127.0.0.1, a
+web user, and the Prefect API the caller gives (so a test session shares one server).
 """
 
 from __future__ import annotations
@@ -10,42 +11,141 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from pipeline.triage.prefect_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RADTRIAGE = [sys.executable, "-m", "pipeline"]
 
 
-def free_port() -> int:
-    import socket
+class ServeProcess:
+    """``radtriage serve`` as a real child process, optionally inside a prefix command.
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    Its output goes to ``log_file``, which :meth:`wait_log` reads from the start each
+    time: no line is ever lost in a pipe's buffer.
 
+    Parameters
+    ----------
+    config
+        ``--config`` for ``radtriage``; ``None`` leaves it to ``$RADTRIAGE_CONFIG``.
+    folder
+        Where the log file goes (default: beside ``config``).
+    env
+        The child's environment (default: ours with ``TCP_NODELAY=1``).
+    wrap
+        Turns the command into the one to run (e.g. inside ``unshare``).
+    """
 
-class RadtriageServer:
+    def __init__(self, config: Path | None = None, *, folder: Path | None = None, env: dict[str, str] | None = None,
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> None:
+        if folder is None and config is None:
+            raise ValueError("give the folder for the log, or a config file beside which it goes")
+        self.folder = Path(folder) if folder is not None else Path(config).parent  # type: ignore[arg-type]
+        self.config = config
+        self.env = env if env is not None else {**os.environ, "TCP_NODELAY": "1"}
+        self.wrap = wrap
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self._read = 0
+        self._log_start = 0  # the log file may hold an earlier run's lines (a restart)
+
+    @property
+    def log_file(self) -> Path:
+        return self.folder / "serve.log"
+
+    def command(self) -> list[str]:
+        cmd = [*RADTRIAGE, *(["--config", str(self.config)] if self.config else []), "serve"]
+        return self.wrap(cmd) if self.wrap is not None else cmd
+
+    def start(self, timeout: float = 60.0) -> ServeProcess:
+        """Start and return once the DICOM receiver listens (its port is in :attr:`port`)."""
+        self.launch()
+        match = re.search(r"listening on [\d.]+:(\d+)", self.wait_log(r"listening on [\d.]+:\d+", timeout))
+        assert match is not None
+        self.port = int(match.group(1))
+        return self
+
+    def launch(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
+        self._read = 0
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), env=self.env, cwd=REPO, stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+
+    def log_text(self) -> str:
+        """What this run of the server logged so far."""
+        if not self.log_file.exists():
+            return ""
+        with open(self.log_file, "rb") as log:
+            log.seek(self._log_start)
+            return log.read().decode(errors="replace")
+
+    def drain(self) -> str:
+        """What the server logged since the last call."""
+        text = self.log_text()
+        new, self._read = text[self._read:], len(text)
+        return new
+
+    def wait_log(self, pattern: str, timeout: float = 30.0) -> str:
+        """Block until the server has logged a line matching ``pattern``; return the log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log_text()
+            if re.search(pattern, text):
+                return text
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"radtriage serve exited ({self.proc.returncode}) before logging "
+                                     f"{pattern!r}:\n{text}")
+            assert time.monotonic() < deadline, f"server never logged {pattern!r}:\n{text}"
+            time.sleep(0.05)
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        """Send ``sig`` to the server (only the server, not the group); return its exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        return self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to the whole process group (the server and its children), then SIGKILL."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+class RadtriageServer(ServeProcess):
     """One radtriage installation in ``folder``, run as ``radtriage serve``.
 
-    ``prefect_api_url`` None lets it start its own embedded Prefect server.
+    Configured entirely by ``RADTRIAGE_*`` variables; ``prefect_api_url`` None lets it
+    start its own embedded Prefect server. :meth:`start` returns when the deployment is
+    registered and the web app answers.
     """
 
     ae_title = "RADTRIAGE"
 
     def __init__(self, folder: Path, *, prefect_api_url: str | None, env: dict[str, str] | None = None,
                  user: tuple[str, str] = ("alice", "correct horse battery")) -> None:
-        self.folder = Path(folder)
+        super().__init__(folder=folder)
         self.dicom_port = free_port()
         self.web_port = free_port()
         self.user = user
-        self.env = dict(os.environ)
         self.env.update(
             RADTRIAGE_CONFIG=str(REPO / "config" / "default.toml"),
             RADTRIAGE_STORAGE__DATA_DIR=str(self.folder / "data"),
@@ -56,7 +156,6 @@ class RadtriageServer:
             RADTRIAGE_TRIAGE__STABLE_AGE_SECONDS="1",
             RADTRIAGE_TRIAGE__SWEEP_INTERVAL_SECONDS="0.2",
             RADTRIAGE_MODELS__DIR=str(REPO / "models"),
-            TCP_NODELAY="1",
         )
         if prefect_api_url:
             self.env["PREFECT_API_URL"] = prefect_api_url
@@ -64,51 +163,31 @@ class RadtriageServer:
             self.env.pop("PREFECT_API_URL", None)
             self.env["RADTRIAGE_TRIAGE__EMBEDDED_PREFECT_PORT"] = "0"
         self.env.update(env or {})
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def data_dir(self) -> Path:
         return self.folder / "data"
-
-    @property
-    def log_file(self) -> Path:
-        return self.folder / "serve.log"
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run a ``radtriage`` command against this installation."""
         return subprocess.run([*RADTRIAGE, *args], env=self.env, cwd=REPO, input=stdin, text=True,
                               capture_output=True, timeout=120, check=False)
 
-    def start(self, timeout: float = 120.0) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def start(self, timeout: float = 120.0) -> RadtriageServer:
         added = self.cli("user", "add", self.user[0], "--role", "radiologist", "--password-stdin", stdin=self.user[1] + "\n")
         assert added.returncode == 0, added.stderr
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen([*RADTRIAGE, "serve"], env=self.env, cwd=REPO, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.launch()
+        self.port = self.dicom_port
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"radtriage serve exited ({self.process.returncode}):\n{self.log_tail()}")
-            if "triage-study/triage-study" in self.log_file.read_text(errors="replace") and self._healthy():
-                return
+        self.wait_log("triage-study/triage-study", timeout)
+        while not self._healthy():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"radtriage serve did not come up in {timeout:.0f} s:\n{self.log_tail()}")
             time.sleep(0.3)
-        raise RuntimeError(f"radtriage serve did not come up in {timeout:.0f} s:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        return self
 
     def log_tail(self, lines: int = 40) -> str:
-        if not self.log_file.exists():
-            return ""
-        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def _healthy(self) -> bool:
         try:

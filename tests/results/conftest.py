@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
 from pipeline.config import ResultSettings
+
 from .ct import Series, write_ct_series
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from pipeline.findings import Code, Finding, ModelIdentity, ModelResult, Priority
+from pipeline.ai.findings import Code, Finding, ModelIdentity, ModelResult, Priority
 
 SLICES, ROWS, COLUMNS = 16, 64, 64
 PIXEL_SPACING = (3.5, 3.5)  # mm, row then column

@@ -1,4 +1,4 @@
-"""The writers on the project's own synthetic CT (pipeline.synth), as the flow feeds them."""
+"""The writers on the project's own synthetic CT (pipeline.lab.synth), as the flow feeds them."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from pipeline.ai.findings import Code, Finding, ModelResult, Priority
 from pipeline.config import ResultSettings
-from pipeline.findings import Code, Finding, ModelResult, Priority
+from pipeline.lab.synth import write_ct_series
 from pipeline.results import build_seg, build_sr, result_uids
-from pipeline.synth import write_ct_series
 
 from .ct import BRAIN, HEMORRHAGE, MODEL, MORPHOLOGY
 from .dicomtools import dciodvfy, dsrdump

@@ -10,9 +10,9 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from pipeline.ai.findings import ModelResult
 from pipeline.config import ResultSettings
 from pipeline.errors import PermanentError
-from pipeline.findings import ModelResult
 from pipeline.results import build_seg, result_uids, segment_tracking_uid
 
 from .ct import BRAIN, HEMORRHAGE, INFARCT, MODEL, Series, blob_mask, empty_mask, finding, result_with

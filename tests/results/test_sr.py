@@ -9,9 +9,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from pipeline.ai.findings import ModelResult
 from pipeline.config import ResultSettings
 from pipeline.errors import PermanentError
-from pipeline.findings import ModelResult
 from pipeline.results import build_seg, build_sr, result_uids
 from pipeline.results.sr import ABSENT, DIAMETER, MAXIMUM, PRESENCE, PRESENT, PROBABILITY, VOLUME
 

@@ -10,14 +10,14 @@ import numpy as np
 import pydicom
 from sqlalchemy import select
 
+from pipeline.ai.findings import Code, Finding, ModelIdentity, ModelResult, Priority
 from pipeline.archive import Archive
 from pipeline.config import ResultSettings
-from pipeline.findings import Code, Finding, ModelIdentity, ModelResult, Priority
 from pipeline.index.db import session_scope
 from pipeline.index.schema import Study, utcnow
 from pipeline.index.triage import AIFinding, AIResult, AIStatus, WorklistEntry
+from pipeline.lab.synth import head_phantom, write_ct_series
 from pipeline.results import build_seg, build_sr, result_uids
-from pipeline.synth import head_phantom, write_ct_series
 
 MODEL = ModelIdentity("ich-detector", "1.2.0", Code("123110", "DCM", "Artificial Intelligence"), "test model")
 MORPHOLOGY = Code("49755003", "SCT", "Morphologically Altered Structure")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from alembic.migration import MigrationContext
 from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 
+import pipeline.index.accounts
 import pipeline.index.triage  # noqa: F401 - all tables on Base.metadata
-import pipeline.index.web  # noqa: F401
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.index.db import create_index_engine, migrate

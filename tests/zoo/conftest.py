@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.phantom.atlas import HEAD_CT_ATLAS, cached_path
+from pipeline.lab.phantom.atlas import HEAD_CT_ATLAS, cached_path
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
@@ -28,7 +28,7 @@ def atlas() -> Path:
 
 @pytest.fixture(scope="session")
 def registry():  # type: ignore[no-untyped-def]
-    from pipeline.zoo.registry import load_registry
+    from pipeline.ai.registry import load_registry
 
     return load_registry(MODELS)
 

@@ -1,4 +1,4 @@
-"""Write CT series with chosen geometry for the zoo tests, on top of ``pipeline.synth``.
+"""Write CT series with chosen geometry for the zoo tests, on top of ``pipeline.lab.synth``.
 
 ``write_series`` writes a volume with the project's real CT writer, then rewrites each
 image's geometry (orientation, positions, pixel spacing) so tests can make oblique,
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from pipeline.synth import write_ct_series
+from pipeline.lab.synth import write_ct_series
 
 
 def write_series(

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipeline.zoo.evaluate import _best_threshold, _rates
+from pipeline.lab.evaluate import _best_threshold, _rates
 
 
 def test_the_threshold_separates_and_sits_in_the_middle_of_the_widest_gap() -> None:

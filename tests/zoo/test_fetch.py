@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import PermanentError
-from pipeline.phantom.atlas import HEAD_CT_ATLAS, _sha256, fetch
+from pipeline.lab.phantom.atlas import HEAD_CT_ATLAS, _sha256, fetch
 
 from .conftest import ROOT
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.ai.inference import analyze_study, check_loads, load_model, resolve_device, run_model
+from pipeline.ai.registry import load_registry
+from pipeline.ai.volume import load_volume
 from pipeline.errors import ConfigError
-from pipeline.inference import analyze_study, load_model, resolve_device, run_model
-from pipeline.phantom.generator import make_head_ct, volume_generator
-from pipeline.synth import synth_study
-from pipeline.volume import load_volume
-from pipeline.zoo.registry import load_registry
+from pipeline.lab.phantom.generator import make_head_ct, volume_generator
+from pipeline.lab.synth import synth_study
 
 from .conftest import REFERENCE
 from .dicom import write_series
@@ -42,7 +42,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, tuple[fl
 
 
 def test_a_second_bundle_registers_and_runs_beside_the_reference_model(models: Path, tmp_path: Path) -> None:
-    registry = load_registry(models, deep=True)
+    registry = load_registry(models, check=check_loads)
     assert [m.key for m in registry.available] == ["dense_bone@1.0.0", "head_ct_hemorrhage@0.2.0"]
     assert registry.unavailable == []
 

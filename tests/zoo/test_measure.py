@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.findings import Priority
-from pipeline.measure import make_finding, max_diameter_mm
-from pipeline.volume import Volume
-from pipeline.zoo.spec import FindingSpec
+from pipeline.ai.findings import Priority
+from pipeline.ai.measure import make_finding, max_diameter_mm
+from pipeline.ai.spec import FindingSpec
+from pipeline.ai.volume import Volume
 
 SPEC = FindingSpec.model_validate({
     "channel": 1, "label": "Intracranial hemorrhage",

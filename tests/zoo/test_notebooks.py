@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.zoo.notebook import execute_notebook
+from pipeline.lab.notebook import execute_notebook
 
 from .conftest import MODELS, ROOT
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from pipeline.phantom.generator import make_head_case, make_head_ct
-from pipeline.phantom.lesions import BleedKind
+from pipeline.lab.phantom.generator import make_head_case, make_head_ct
+from pipeline.lab.phantom.lesions import BleedKind
 
 SMALL = dict(rows=160, columns=160, pixel_spacing=1.5, slice_thickness=5.0)
 

@@ -8,12 +8,11 @@ through the brain).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from pipeline.findings import Priority
-from pipeline.inference import run_model
-from pipeline.phantom.generator import case_volume, make_head_case
+from pipeline.ai.findings import Priority
+from pipeline.ai.inference import run_model
+from pipeline.lab.phantom.generator import case_volume, make_head_case
 
 GEOMETRY = dict(rows=256, columns=256, pixel_spacing=0.9, slice_thickness=5.0)
 WHOLE, PARTIAL = None, 24  # slices: the whole head, or 120 mm of it around its centre

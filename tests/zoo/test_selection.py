@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.selection import SeriesInfo, select_series, series_from_files
-from pipeline.zoo.spec import load_spec
+from pipeline.ai.selection import SeriesInfo, select_series, series_from_files
+from pipeline.ai.spec import load_spec
 
 from .conftest import REFERENCE
 from .dicom import header_only_series

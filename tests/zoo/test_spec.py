@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.ai.bundle import check_bundle
+from pipeline.ai.findings import Priority
+from pipeline.ai.registry import load_registry
+from pipeline.ai.spec import load_spec, parse_spec
 from pipeline.errors import ConfigError
-from pipeline.findings import Priority
-from pipeline.zoo.bundle import check_bundle
-from pipeline.zoo.registry import load_registry
-from pipeline.zoo.spec import load_spec, parse_spec
 
 from .conftest import REFERENCE
 

@@ -9,9 +9,15 @@ import numpy as np
 import pydicom
 import pytest
 
+from pipeline.ai.volume import (
+    MissingSlicesError,
+    MixedOrientationError,
+    NonUniformSpacingError,
+    NotAVolumeError,
+    TooFewSlicesError,
+    load_volume,
+)
 from pipeline.errors import PermanentError
-from pipeline.volume import (MissingSlicesError, MixedOrientationError, NonUniformSpacingError, NotAVolumeError,
-                             TooFewSlicesError, load_volume)
 
 from .dicom import write_series
 

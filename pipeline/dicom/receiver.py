@@ -1,0 +1,208 @@
+"""The DICOM receiver: C-ECHO and C-STORE for every storage SOP class.
+
+The C-STORE handler only writes and indexes (through :class:`pipeline.archive.Archive`)
+and answers; it never decodes pixel data and never runs a model. Bad input gets a
+failure status with an ErrorComment and a log line saying why; the server stays up.
+
+=========  ==========================================================================
+Status     Meaning
+=========  ==========================================================================
+0x0000     stored (or a resend of an instance already stored)
+0xA700     out of resources: the archive disk or the index is full
+0xA900     the dataset's SOP Class/Instance UID differs from the request's
+0xC000     the dataset does not parse
+0xC001     Study/Series/SOP Instance UID missing or not a valid UID
+=========  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pipeline.archive import Archive, OutOfResourcesError
+from pipeline.archive.header import DatasetError, InvalidUIDError, SOPClassMismatchError
+from pipeline.config import Settings
+from pipeline.dicom.tuning import cheap_context_copies, tune_association
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
+]
+
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_SOP_CLASS_MISMATCH = 0xA900
+STATUS_CANNOT_PARSE = 0xC000
+STATUS_INVALID_UID = 0xC001
+
+_FAILURES: list[tuple[type[Exception], int]] = [
+    (OutOfResourcesError, STATUS_OUT_OF_RESOURCES),
+    (SOPClassMismatchError, STATUS_SOP_CLASS_MISMATCH),
+    (DatasetError, STATUS_CANNOT_PARSE),
+    (InvalidUIDError, STATUS_INVALID_UID),
+]
+
+
+def _status(code: int, comment: str) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = code
+    rsp.ErrorComment = comment[:64]  # LO
+    return rsp
+
+
+def set_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: disable Nagle's algorithm (10x on loopback) and let the
+    association react to each message at once (:mod:`pipeline.dicom.tuning`)."""
+    sock = event.assoc.dul.socket.socket
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tune_association(event.assoc)
+
+
+def handle_store(event: evt.Event, archive: Archive) -> int | Dataset:
+    """EVT_C_STORE handler: store the received bytes as they are, then answer."""
+    request = event.request
+    calling = event.assoc.requestor.ae_title
+    with request.DataSet.getbuffer() as encoded:  # type: ignore[union-attr]
+        try:
+            archive.store_encoded(
+                encoded,
+                transfer_syntax=event.context.transfer_syntax,
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                source_ae=calling,
+            )
+        except tuple(cls for cls, _ in _FAILURES) as err:
+            code = next(c for cls, c in _FAILURES if isinstance(err, cls))
+            log.warning("C-STORE from %s of %s refused with 0x%04X: %s", calling,
+                        request.AffectedSOPInstanceUID, code, err)
+            return _status(code, str(err))
+    return 0x0000
+
+
+def _log_request(event: evt.Event, settings: Settings) -> None:
+    """EVT_REQUESTED handler: say why an association is about to be rejected."""
+    calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+    if not settings.dicom.open_to_all and calling not in settings.dicom.allowed_aes:
+        log.warning("association from %s (%s) rejected: calling AE title not in [dicom] allowed_aes",
+                    calling, event.assoc.requestor.address)
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server TLS context for ``[dicom.tls]``, or ``None`` when TLS is off."""
+    tls = settings.dicom.tls
+    if not tls.enabled:
+        return None
+    if tls.cert_file is None or tls.key_file is None:
+        raise ConfigError("dicom.tls.enabled needs dicom.tls.cert_file and dicom.tls.key_file")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        if tls.ca_file is not None:
+            ctx.load_verify_locations(cafile=str(tls.ca_file))
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"dicom.tls: cannot load certificate/key/CA: {err}") from None
+    if tls.require_client_cert:
+        if tls.ca_file is None:
+            raise ConfigError("dicom.tls.require_client_cert needs dicom.tls.ca_file to verify clients")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def build_ae(settings: Settings, archive: Archive) -> AE:
+    """The application entity: storage SCP for all storage SOP classes, plus C-ECHO."""
+    ae = AE(ae_title=settings.dicom.ae_title)
+    ae.maximum_pdu_size = settings.dicom.max_pdu_size
+    ae.network_timeout = settings.dicom.network_timeout_seconds
+    ae.acse_timeout = settings.dicom.network_timeout_seconds
+    ae.dimse_timeout = settings.dicom.network_timeout_seconds
+    ae.maximum_associations = 64
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    if not settings.dicom.open_to_all:
+        ae.require_calling_aet = list(settings.dicom.allowed_aes)
+    return ae
+
+
+def handlers(settings: Settings, archive: Archive) -> list[Any]:
+    """The event handlers the receiver binds (exposed so other servers can reuse them)."""
+    return [
+        (evt.EVT_CONN_OPEN, set_nodelay),
+        (evt.EVT_REQUESTED, _log_request, [settings]),
+        (evt.EVT_C_STORE, handle_store, [archive]),
+    ]
+
+
+def start_receiver(settings: Settings, archive: Archive, *, ae: AE | None = None) -> ThreadedAssociationServer:
+    """Start listening on ``[dicom] bind:port`` without blocking; return the server.
+
+    Port 0 binds a free port; read it from ``server.server_address[1]``. Stop with
+    ``server.shutdown()``.
+    """
+    ae = ae or build_ae(settings, archive)
+    server = ae.start_server(
+        (settings.dicom.bind, settings.dicom.port),
+        block=False,
+        evt_handlers=handlers(settings, archive),
+        ssl_context=ssl_context(settings),
+    )
+    cheap_context_copies(server)
+    host, port = server.server_address[:2]
+    log.info("DICOM receiver %s listening on %s:%d%s", settings.dicom.ae_title, host, port,
+             " (TLS)" if settings.dicom.tls.enabled else "")
+    return server
+
+
+class DicomReceiver:
+    """The receiver as a component of ``radtriage serve`` (see :func:`start_receiver`)."""
+
+    name = "DICOM receiver"
+
+    def __init__(self, settings: Settings, archive: Archive) -> None:
+        self.settings = settings
+        self.archive = archive
+        self.server: ThreadedAssociationServer | None = None
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the configured one, or the free one port 0 got)."""
+        if self.server is None:
+            raise RuntimeError("the DICOM receiver is not started")
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        self.server = start_receiver(self.settings, self.archive)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None

@@ -1,0 +1,267 @@
+"""The steps of triaging one study, as plain functions over the index and archive.
+
+``flows/triage.py`` wraps each in a Prefect task; they take and return UIDs, paths and
+small dicts, never arrays. Every step is idempotent for a given study revision, so a
+retried task or a re-run flow creates nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select, update
+
+from pipeline.ai.findings import Priority
+from pipeline.errors import PermanentError
+from pipeline.index.schema import SeriesOrigin, Study, StudyState, utcnow
+from pipeline.index.triage import AIFinding, AIResult, AIStatus, RunStatus, TriageRun, WorklistEntry
+from pipeline.triage.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlannedModel:
+    """One model that applies to a study, and the series it will read."""
+
+    model_name: str
+    model_version: str
+    series_instance_uid: str
+
+
+def _study(session, study_uid: str) -> Study:
+    study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
+    if study is None:
+        raise PermanentError(f"study {study_uid} is not in the index")
+    return study
+
+
+def _worklist_entry(session, study: Study) -> WorklistEntry:
+    entry = session.get(WorklistEntry, study.id)
+    if entry is None:
+        entry = WorklistEntry(study_id=study.id)
+        session.add(entry)
+    return entry
+
+
+def begin_run(rt: Runtime, study_uid: str, revision: int, flow_run_id: str = "") -> None:
+    """Mark the run and the worklist entry as running."""
+    from pipeline.index.db import session_scope
+
+    with session_scope(rt.session_factory) as session:
+        study = _study(session, study_uid)
+        run = session.scalar(select(TriageRun).where(TriageRun.study_id == study.id, TriageRun.revision == revision))
+        now = utcnow()
+        if run is None:  # started by hand (radtriage analyze --flow, tests): record it anyway
+            run = TriageRun(study_id=study.id, revision=revision, last_received_at=study.last_received_at, dispatched_at=now)
+            session.add(run)
+        run.status = RunStatus.running
+        run.started_at = now
+        if flow_run_id:
+            run.flow_run_id = flow_run_id
+        entry = _worklist_entry(session, study)
+        entry.ai_status = AIStatus.running
+        entry.ai_error = ""
+        entry.updated_at = now
+
+
+def plan_models(rt: Runtime, study_uid: str) -> list[PlannedModel]:
+    """Every available model whose series rules match a received series of the study."""
+    from pipeline.ai.selection import SeriesInfo, select_series
+    from pipeline.index.db import session_scope
+
+    with session_scope(rt.session_factory, readonly=True) as session:
+        study = _study(session, study_uid)
+        candidates = [
+            SeriesInfo(
+                series_instance_uid=s.SeriesInstanceUID,
+                modality=s.Modality,
+                body_part_examined=s.BodyPartExamined,
+                series_description=s.SeriesDescription,
+                image_type=tuple(v for v in s.ImageType.split("\\") if v),
+                number_of_instances=s.NumberOfSeriesRelatedInstances,
+                slice_thickness=s.SliceThickness,
+                files=[],
+            )
+            for s in study.series
+            if s.origin == SeriesOrigin.received
+        ]
+    planned = []
+    for model in rt.registry.available:
+        chosen = select_series(model.spec, candidates)
+        if chosen is not None:
+            planned.append(PlannedModel(model.name, model.version, chosen.series_instance_uid))
+    return planned
+
+
+def run_inference(rt: Runtime, study_uid: str, revision: int, model_name: str, series_uid: str) -> tuple[Path, dict[str, float]]:
+    """Load the series as a volume, run the model, and save the result next to the archive.
+
+    Returns the result file and the seconds spent loading and inferring.
+    """
+    from pipeline.ai.inference import run_model
+    from pipeline.ai.result_file import save_model_result
+    from pipeline.ai.volume import load_volume
+
+    model = rt.registry.get(model_name)
+    t0 = time.perf_counter()
+    volume = load_volume(rt.archive.series_files(series_uid))
+    t1 = time.perf_counter()
+    result = run_model(model, volume, device=rt.settings.models.device)
+    t2 = time.perf_counter()
+    path = work_dir(rt, study_uid, revision) / f"{model.name}-{model.version}.npz"
+    save_model_result(result, path)
+    return path, {"volume_load": t1 - t0, "inference": t2 - t1}
+
+
+def work_dir(rt: Runtime, study_uid: str, revision: int) -> Path:
+    return Path(rt.settings.storage.data_dir) / "work" / study_uid / str(revision)
+
+
+def store_results(rt: Runtime, study_uid: str, revision: int, result_path: Path) -> dict[str, object]:
+    """Write SEG and TID 1500 SR for a saved result, archive them, record them, queue forwards.
+
+    Idempotent: the UIDs are derived from study, model version and revision, the archive
+    stores a SOP Instance once, and the result row is unique per revision and model.
+    """
+    from pipeline.ai.result_file import load_model_result
+    from pipeline.forward import enqueue_forwards
+    from pipeline.index.db import session_scope
+    from pipeline.results import build_seg, build_sr, result_uids
+
+    result = load_model_result(result_path)
+    t0 = time.perf_counter()
+    sources = [
+        pydicom.dcmread(rt.archive.path_of(uid), stop_before_pixels=True) for uid in result.source_sop_instance_uids
+    ]
+    uids = result_uids(study_uid, result.model.name, result.model.version, revision)
+    seg = build_seg(sources, result, rt.settings.results, series_instance_uid=uids.seg_series, sop_instance_uid=uids.seg_sop)
+    sr = build_sr(sources, seg, result, rt.settings.results, series_instance_uid=uids.sr_series, sop_instance_uid=uids.sr_sop)
+    t1 = time.perf_counter()
+    rt.archive.store_dataset(seg, derived=True)
+    rt.archive.store_dataset(sr, derived=True)
+    t2 = time.perf_counter()
+    with session_scope(rt.session_factory) as session:
+        study = _study(session, study_uid)
+        row = _result_row(session, study, revision, result.model.name, result.model.version)
+        row.SourceSeriesInstanceUID = result.series_instance_uid
+        row.SegSOPInstanceUID = uids.seg_sop
+        row.SRSOPInstanceUID = uids.sr_sop
+        row.ok, row.error = True, ""
+        row.priority = result.priority.value
+        row.findings = [
+            AIFinding(
+                label=f.label, present=f.present, probability=f.probability, volume_ml=f.volume_ml,
+                max_diameter_mm=f.max_diameter_mm, priority=Priority(f.priority).value, segment_number=i + 1,
+                key_sop_instance_uid=_key_image(result.source_sop_instance_uids, f.mask),
+            )
+            for i, f in enumerate(result.findings)
+        ]
+        _worklist_entry(session, study).results_stored_at = utcnow()
+        destinations = rt.settings.forward.destinations
+        enqueue_forwards(session, uids.seg_sop, "SEG", destinations)
+        enqueue_forwards(session, uids.sr_sop, "SR", destinations)
+    if destinations and rt.on_results_stored is not None:
+        rt.on_results_stored()
+    return {
+        "seg": uids.seg_sop, "sr": uids.sr_sop, "priority": result.priority.value,
+        "timings": {"writing": t1 - t0, "storing": t2 - t1},
+    }
+
+
+def _result_row(session, study: Study, revision: int, model_name: str, model_version: str) -> AIResult:
+    """The result row of one model on one study revision, created when missing (idempotent)."""
+    row = session.scalar(
+        select(AIResult).where(
+            AIResult.study_id == study.id, AIResult.revision == revision,
+            AIResult.model_name == model_name, AIResult.model_version == model_version,
+        )
+    )
+    if row is None:
+        row = AIResult(study_id=study.id, revision=revision, model_name=model_name, model_version=model_version)
+        session.add(row)
+    return row
+
+
+def _key_image(sop_uids: list[str], mask) -> str:
+    """The source image on which the mask is largest (the first image when empty)."""
+    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    return sop_uids[int(areas.argmax())] if len(sop_uids) else ""
+
+
+def record_failure(rt: Runtime, study_uid: str, revision: int, model_name: str, model_version: str, error: str) -> None:
+    """Record that a model could not analyse the study (shown on the worklist)."""
+    from pipeline.index.db import session_scope
+
+    with session_scope(rt.session_factory) as session:
+        row = _result_row(session, _study(session, study_uid), revision, model_name, model_version)
+        row.ok, row.error = False, error[:2000]
+
+
+def finish_run(rt: Runtime, study_uid: str, revision: int, timings: dict[str, float] | None = None) -> dict[str, object]:
+    """Supersede older results, set the worklist priority and status, close the run.
+
+    The study moves to ``analysed`` (or ``failed``) only if it is still the dispatched
+    revision: a late instance that arrived meanwhile leaves it ``received``, and the
+    next revision's results will supersede these.
+    """
+    from pipeline.index.db import session_scope
+
+    with session_scope(rt.session_factory) as session:
+        study = _study(session, study_uid)
+        session.execute(
+            update(AIResult)
+            .where(AIResult.study_id == study.id, AIResult.revision < revision, AIResult.superseded.is_(False))
+            .values(superseded=True)
+        )
+        results = session.scalars(
+            select(AIResult).where(AIResult.study_id == study.id, AIResult.revision == revision)
+        ).all()
+        failures = [r for r in results if not r.ok]
+        priority = Priority.highest([Priority(r.priority) for r in results if r.ok])
+        now = utcnow()
+        entry = _worklist_entry(session, study)
+        entry.priority = priority.value
+        entry.priority_rank = priority.rank
+        entry.summary = _summary(results)
+        entry.ai_status = AIStatus.failed if failures else AIStatus.done
+        entry.ai_error = "; ".join(f"{r.model_name}: {r.error}" for r in failures)
+        entry.updated_at = now
+        entry.triaged_at = now
+        run = session.scalar(select(TriageRun).where(TriageRun.study_id == study.id, TriageRun.revision == revision))
+        if run is not None:
+            run.status = RunStatus.failed if failures else RunStatus.done
+            run.error = entry.ai_error
+            run.finished_at = now
+            all_timings = dict(json.loads(run.timings or "{}"))
+            all_timings.update(timings or {})
+            if run.stable_at is not None:
+                all_timings["stability_wait"] = (run.stable_at - run.last_received_at).total_seconds()
+                # Stable until the flow run began: dispatcher, worker claim, flow start.
+                all_timings["dispatch"] = (run.started_at - run.stable_at).total_seconds() if run.started_at else 0.0
+            run.timings = json.dumps(all_timings)
+            entry.time_to_triage_seconds = (now - run.last_received_at).total_seconds()
+        if study.state == StudyState.dispatched and _latest_revision(session, study.id) == revision:
+            study.set_state(StudyState.failed if failures else StudyState.analysed)
+        return {"priority": priority.value, "ai_status": entry.ai_status.value, "summary": entry.summary}
+
+
+def _latest_revision(session, study_id: int) -> int:
+    runs = session.scalars(select(TriageRun.revision).where(TriageRun.study_id == study_id)).all()
+    return max(runs, default=0)
+
+
+def _summary(results: list[AIResult]) -> str:
+    parts = []
+    for r in results:
+        for f in sorted(r.findings, key=lambda f: -f.probability):
+            if f.present:
+                parts.append(f"{f.label.capitalize()} · {f.volume_ml:.1f} ml · p {f.probability:.2f}")
+    if not parts:
+        return "No AI finding" if any(r.ok for r in results) else ("AI failed" if results else "No applicable AI model")
+    return "; ".join(parts)
