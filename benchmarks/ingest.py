@@ -47,8 +47,12 @@ def wait_echo(port: int, aec: str, proc: subprocess.Popen[bytes], timeout: float
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{aec} exited with {proc.returncode} before answering C-ECHO")
-        ok = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", aec, HOST, str(port)], env=ENV,
-                            capture_output=True).returncode == 0
+        ok = (
+            subprocess.run(
+                ["echoscu", "-aet", "STORESCU", "-aec", aec, HOST, str(port)], env=ENV, capture_output=True
+            ).returncode
+            == 0
+        )
         if ok:
             return
         time.sleep(0.2)
@@ -77,30 +81,57 @@ def start_radtriage(storage: Path, port: int) -> subprocess.Popen[bytes]:
     cfg.write_text(
         f'[dicom]\nae_title = "RADTRIAGE"\nbind = "{HOST}"\nport = {port}\nallowed_aes = ["*"]\n'
         f'[storage]\ndata_dir = "{storage / "data"}"\nfsync = true\n'
-        f'[triage]\nenabled = false\nstable_age_seconds = 3600\n'  # ingest only: no Prefect server
-        f'[web]\nport = {free_port()}\n')
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "--config", str(cfg), "serve"], env=ENV,
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(storage / "log.txt").open("wb"))
+        f"[triage]\nenabled = false\nstable_age_seconds = 3600\n"  # ingest only: no Prefect server
+        f"[web]\nport = {free_port()}\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "--config", str(cfg), "serve"],
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=(storage / "log.txt").open("wb"),
+    )
 
 
 def start_orthanc(storage: Path, port: int) -> subprocess.Popen[bytes]:
     cfg = storage / "orthanc.json"
-    cfg.write_text(json.dumps({
-        "Name": "bench", "StorageDirectory": str(storage / "db"), "IndexDirectory": str(storage / "db"),
-        "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": free_port(), "RemoteAccessAllowed": False,
-        "HttpServerEnabled": True, "DicomServerEnabled": True, "DicomCheckCalledAet": False,
-        "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True, "SyncStorageArea": True,
-        "StorageCompression": False, "Plugins": [], "OverwriteInstances": False, "AuthenticationEnabled": False,
-    }))
-    return subprocess.Popen(["Orthanc", str(cfg)], env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=(storage / "log.txt").open("wb"))
+    cfg.write_text(
+        json.dumps(
+            {
+                "Name": "bench",
+                "StorageDirectory": str(storage / "db"),
+                "IndexDirectory": str(storage / "db"),
+                "DicomAet": "ORTHANC",
+                "DicomPort": port,
+                "HttpPort": free_port(),
+                "RemoteAccessAllowed": False,
+                "HttpServerEnabled": True,
+                "DicomServerEnabled": True,
+                "DicomCheckCalledAet": False,
+                "DicomAlwaysAllowStore": True,
+                "DicomAlwaysAllowEcho": True,
+                "SyncStorageArea": True,
+                "StorageCompression": False,
+                "Plugins": [],
+                "OverwriteInstances": False,
+                "AuthenticationEnabled": False,
+            }
+        )
+    )
+    return subprocess.Popen(
+        ["Orthanc", str(cfg)], env=ENV, stdout=subprocess.DEVNULL, stderr=(storage / "log.txt").open("wb")
+    )
 
 
 def start_storescp(storage: Path, port: int) -> subprocess.Popen[bytes]:
     out = storage / "out"
     out.mkdir()
-    return subprocess.Popen(["storescp", "-aet", "STORESCP", "+B", "-pdu", "131072", "-od", str(out), str(port)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=(storage / "log.txt").open("wb"))
+    return subprocess.Popen(
+        ["storescp", "-aet", "STORESCP", "+B", "-pdu", "131072", "-od", str(out), str(port)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=(storage / "log.txt").open("wb"),
+    )
 
 
 def count_files(folder: Path, suffix: str = "") -> int:
@@ -124,8 +155,12 @@ def one_run(name: str, images: Path, n: int, workdir: Path) -> float:
         if name == "radtriage":  # the receiver answers first; wait until every component is up
             wait_log(storage / "log.txt", "radtriage running", proc)
         t0 = time.perf_counter()
-        sent = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", aec, "--scan-directories", HOST, str(port),
-                               str(images)], env=ENV, capture_output=True, text=True)
+        sent = subprocess.run(
+            ["storescu", "-aet", "STORESCU", "-aec", aec, "--scan-directories", HOST, str(port), str(images)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+        )
         elapsed = time.perf_counter() - t0
         if sent.returncode != 0:
             raise RuntimeError(f"storescu to {name} failed: {sent.stderr[-400:]}")
@@ -168,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         images = work / "images"
         synth_study(images, seed=2024, slices=args.images)
         mb = sum(p.stat().st_size for p in images.iterdir()) / 1e6
-        print(f"{args.images} CT images 512x512 ({mb:.0f} MB), storescu one association, TCP_NODELAY=1, "
-              f"{args.runs} interleaved runs, netns={'yes' if os.environ.get('RADTRIAGE_BENCH_NETNS') else 'no'}")
+        print(
+            f"{args.images} CT images 512x512 ({mb:.0f} MB), storescu one association, TCP_NODELAY=1, "
+            f"{args.runs} interleaved runs, netns={'yes' if os.environ.get('RADTRIAGE_BENCH_NETNS') else 'no'}"
+        )
         results: dict[str, list[float]] = {t: [] for t in targets}
         for run in range(args.runs):
             for name in targets:

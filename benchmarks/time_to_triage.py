@@ -43,7 +43,9 @@ def breakdown(index: Path, study_uid: str) -> dict[str, float]:
         row = db.execute(
             "SELECT r.timings, r.last_received_at, w.triaged_at FROM triage_run r "
             "JOIN study s ON s.id = r.study_id JOIN worklist_entry w ON w.study_id = s.id "
-            "WHERE s.StudyInstanceUID = ? ORDER BY r.revision DESC LIMIT 1", (study_uid,)).fetchone()
+            "WHERE s.StudyInstanceUID = ? ORDER BY r.revision DESC LIMIT 1",
+            (study_uid,),
+        ).fetchone()
     timings, last_received, triaged = json.loads(row[0]), _time(row[1]), _time(row[2])
     total = (triaged - last_received).total_seconds()
     steps = {k: float(timings.get(k, 0.0)) for k in STEPS[:-1]}
@@ -65,20 +67,41 @@ def main() -> int:
         studies = []
         for i in range(args.studies):
             finding = "hemorrhage" if i % 2 == 0 else "none"
-            files = synth_study(folder / "in" / str(i), seed=500 + i, slices=args.slices, volume=volume_generator(finding))
+            files = synth_study(
+                folder / "in" / str(i), seed=500 + i, slices=args.slices, volume=volume_generator(finding)
+            )
             studies.append((finding, files))
         with RadtriageServer(folder / "radtriage", prefect_api_url=None, env=env) as server:
-            print(f"radtriage serve up; sending {args.studies} studies of {args.slices} slices, stable_age {args.stable_age} s")
+            print(
+                f"radtriage serve up; sending {args.studies} studies of {args.slices} slices, stable_age {args.stable_age} s"
+            )
             rows = []
             for i, (finding, files) in enumerate(studies):
                 import pydicom
 
                 study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-                subprocess.run(["storescu", "-aet", "STORESCU", "-aec", server.ae_title, "127.0.0.1",
-                                str(server.dicom_port), *map(str, files)],
-                               env={**os.environ, "TCP_NODELAY": "1"}, check=True, capture_output=True)
-                server.wait_for(lambda wl, uid=study_uid: any(s["StudyInstanceUID"] == uid and s["ai_status"] in ("done", "failed") for s in wl),
-                                timeout=300, what=f"study {i}")
+                subprocess.run(
+                    [
+                        "storescu",
+                        "-aet",
+                        "STORESCU",
+                        "-aec",
+                        server.ae_title,
+                        "127.0.0.1",
+                        str(server.dicom_port),
+                        *map(str, files),
+                    ],
+                    env={**os.environ, "TCP_NODELAY": "1"},
+                    check=True,
+                    capture_output=True,
+                )
+                server.wait_for(
+                    lambda wl, uid=study_uid: any(
+                        s["StudyInstanceUID"] == uid and s["ai_status"] in ("done", "failed") for s in wl
+                    ),
+                    timeout=300,
+                    what=f"study {i}",
+                )
                 steps = breakdown(server.data_dir / "index.sqlite", study_uid)
                 rows.append(steps)
                 print(f"study {i + 1} ({finding:<10}) " + "  ".join(f"{k} {steps[k]:6.2f}" for k in (*STEPS, "total")))

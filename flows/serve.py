@@ -45,9 +45,7 @@ class TriageOrchestration:
         self.max_parallel_flows = max_parallel_flows
         self.poll_interval = poll_interval
         self.worker = None
-        self.dispatcher = (
-            Dispatcher(runtime.session_factory, on_dispatched=self._wake_worker) if dispatch else None
-        )
+        self.dispatcher = Dispatcher(runtime.session_factory, on_dispatched=self._wake_worker) if dispatch else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.deployment_id: UUID | None = None
@@ -130,8 +128,11 @@ def embedded_prefect(settings: Settings) -> EmbeddedPrefect | None:
         log.info("using the Prefect API at %s", os.environ["PREFECT_API_URL"])
         return None
     triage = settings.triage
-    return EmbeddedPrefect(Path(settings.storage.data_dir) / "prefect", triage.embedded_prefect_port,
-                           task_history=triage.embedded_prefect_task_history)
+    return EmbeddedPrefect(
+        Path(settings.storage.data_dir) / "prefect",
+        triage.embedded_prefect_port,
+        task_history=triage.embedded_prefect_task_history,
+    )
 
 
 def triage_orchestration(runtime: Runtime, *, dispatch: bool = True, embedded: bool = False) -> TriageOrchestration:
@@ -143,7 +144,9 @@ def triage_orchestration(runtime: Runtime, *, dispatch: bool = True, embedded: b
     set_runtime(runtime)
     settings = runtime.settings.triage
     return TriageOrchestration(
-        runtime, dispatch=dispatch, embedded=embedded,
+        runtime,
+        dispatch=dispatch,
+        embedded=embedded,
         max_parallel_flows=settings.max_parallel_flows,
         inference_slots=settings.inference_slots,
     )

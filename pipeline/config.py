@@ -49,7 +49,9 @@ class DicomSettings(_Section):
     ae_title: str = "RADTRIAGE"
     bind: str = "0.0.0.0"
     port: int = Field(11112, ge=0, le=65535)  # 0: any free port (tests)
-    allowed_aes: list[str] = Field(default_factory=lambda: ["STORESCU", "ECHOSCU", "FINDSCU", "MOVESCU", "GETSCU", "RADTRIAGE"])
+    allowed_aes: list[str] = Field(
+        default_factory=lambda: ["STORESCU", "ECHOSCU", "FINDSCU", "MOVESCU", "GETSCU", "RADTRIAGE"]
+    )
     max_pdu_size: int = Field(4_194_304, ge=0)
     network_timeout_seconds: float = Field(60.0, gt=0)
     # Known peers for C-MOVE destinations: AE title -> "host:port"

@@ -17,8 +17,9 @@ PACKAGES = ("pipeline", "flows")
 def cycles(graph: grimp.ImportGraph) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan, iterative)."""
     modules = sorted(m for m in graph.modules if m.split(".")[0] in PACKAGES)
-    edges = {m: sorted(n for n in graph.find_modules_directly_imported_by(m) if n.split(".")[0] in PACKAGES)
-             for m in modules}
+    edges = {
+        m: sorted(n for n in graph.find_modules_directly_imported_by(m) if n.split(".")[0] in PACKAGES) for m in modules
+    }
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     on_stack: set[str] = set()

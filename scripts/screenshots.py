@@ -18,8 +18,16 @@ sys.path.insert(0, str(ROOT))
 
 from tests.peers.radtriage import RadtriageServer  # noqa: E402
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def main() -> int:
@@ -27,17 +35,23 @@ def main() -> int:
 
     out = ROOT / "docs" / "screenshots"
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="radtriage-shots-") as tmp, \
-            RadtriageServer(Path(tmp), prefect_api_url=None, env={"RADTRIAGE_TRIAGE__STABLE_AGE_SECONDS": "2"}) as server:
+    with (
+        tempfile.TemporaryDirectory(prefix="radtriage-shots-") as tmp,
+        RadtriageServer(Path(tmp), prefect_api_url=None, env={"RADTRIAGE_TRIAGE__STABLE_AGE_SECONDS": "2"}) as server,
+    ):
         sent = server.cli("demo", "--to", f"{server.ae_title}@127.0.0.1:{server.dicom_port}", "--studies", "5")
         print(sent.stdout, sent.stderr)
-        studies = server.wait_for(lambda wl: len(wl) == 5 and all(s["ai_status"] in ("done", "failed") for s in wl),
-                                  timeout=600, what="the demo studies analysed")
+        studies = server.wait_for(
+            lambda wl: len(wl) == 5 and all(s["ai_status"] in ("done", "failed") for s in wl),
+            timeout=600,
+            what="the demo studies analysed",
+        )
         top = studies[0]["StudyInstanceUID"]
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 800},
-                                    base_url=f"http://127.0.0.1:{server.web_port}")
+            page = browser.new_page(
+                viewport={"width": 1280, "height": 800}, base_url=f"http://127.0.0.1:{server.web_port}"
+            )
             page.goto("/login")
             page.fill("#username", server.user[0])
             page.fill("#password", server.user[1])

@@ -109,7 +109,9 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def load_metadata(path: Path) -> BundleMetadata:
-    data = _read_json(path / "metadata.json", "metadata.json (name, version, changelog, intended_use, network_data_format)")
+    data = _read_json(
+        path / "metadata.json", "metadata.json (name, version, changelog, intended_use, network_data_format)"
+    )
     if isinstance(data, dict) and "name" not in data:
         data = {**data, "name": path.name}
     try:
@@ -136,8 +138,10 @@ def check_bundle(path: Path | str) -> Bundle:
         raise ConfigError(f"{path / 'configs/inference.json'}: must be a JSON object")
     missing = [key for key in REQUIRED_CONFIG_IDS if key not in config]
     if missing:
-        raise ConfigError(f"{path / 'configs/inference.json'}: missing {', '.join(missing)} "
-                          f"(radtriage runs network_def, preprocessing, inferer and postprocessing)")
+        raise ConfigError(
+            f"{path / 'configs/inference.json'}: missing {', '.join(missing)} "
+            f"(radtriage runs network_def, preprocessing, inferer and postprocessing)"
+        )
     channels = metadata.channel_def
     for i, finding in enumerate(spec.findings):
         if finding.channel not in channels:

@@ -103,7 +103,9 @@ def load_model(model: RegisteredModel, device: str = "auto") -> LoadedModel:
                 postprocessing=parser.get_parsed_content("postprocessing"),
             )
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, ImportError) as err:
-            raise ConfigError(f"model {model.key} ({model.path}) cannot be loaded: {type(err).__name__}: {err}") from err
+            raise ConfigError(
+                f"model {model.key} ({model.path}) cannot be loaded: {type(err).__name__}: {err}"
+            ) from err
         _CACHE[key] = loaded
         log.info("loaded %s on %s in %.1f s", model.key, device, time.perf_counter() - started)
         return loaded
@@ -169,12 +171,18 @@ def run_model(model: RegisteredModel, volume: Volume, device: str = "auto") -> M
     findings = []
     for spec in model.spec.findings:
         if spec.channel >= probabilities.shape[0]:
-            raise PermanentError(f"model {model.key} returned {probabilities.shape[0]} channels; "
-                                 f"finding {spec.label!r} reads channel {spec.channel}")
+            raise PermanentError(
+                f"model {model.key} returned {probabilities.shape[0]} channels; "
+                f"finding {spec.label!r} reads channel {spec.channel}"
+            )
         findings.append(make_finding(probabilities[spec.channel], volume, spec))
-    log.info("%s on series %s: %s in %.1f s", model.key, volume.series_instance_uid,
-             ", ".join(f"{f.label}={'present' if f.present else 'absent'}" for f in findings),
-             time.perf_counter() - started)
+    log.info(
+        "%s on series %s: %s in %.1f s",
+        model.key,
+        volume.series_instance_uid,
+        ", ".join(f"{f.label}={'present' if f.present else 'absent'}" for f in findings),
+        time.perf_counter() - started,
+    )
     return ModelResult(
         model=model.identity,
         series_instance_uid=volume.series_instance_uid,

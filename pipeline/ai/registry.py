@@ -72,14 +72,16 @@ class Registry:
         ConfigError
             When there is no such available model; the message lists what there is.
         """
-        matches = [m for m in self.available if name in (m.name, m.path.name)
-                   and (version is None or m.version == version)]
+        matches = [
+            m for m in self.available if name in (m.name, m.path.name) and (version is None or m.version == version)
+        ]
         if not matches:
             why = [u.reason for u in self.unavailable if u.path.name == name]
             known = ", ".join(m.key for m in self.available) or "none"
             detail = f" (unavailable: {why[0]})" if why else ""
-            raise ConfigError(f"no model {name}{'@' + version if version else ''} in {self.models_dir}{detail}; "
-                              f"available: {known}")
+            raise ConfigError(
+                f"no model {name}{'@' + version if version else ''} in {self.models_dir}{detail}; available: {known}"
+            )
         return max(matches, key=lambda m: version_key(m.version))
 
 
@@ -115,8 +117,10 @@ def load_registry(models_dir: Path | str, *, check: ModelCheck | None = None) ->
         try:
             model = _register(check_bundle(folder), models_dir)
             if (model.name, model.version) in seen:
-                raise ConfigError(f"{model.key} is already provided by {seen[(model.name, model.version)].name}; "
-                                  "bump the version in metadata.json")
+                raise ConfigError(
+                    f"{model.key} is already provided by {seen[(model.name, model.version)].name}; "
+                    "bump the version in metadata.json"
+                )
             if check is not None:
                 check(model)
         except RadtriageError as err:

@@ -73,7 +73,9 @@ def load_model_result(path: Path) -> ModelResult:
     model = meta["model"]
     return ModelResult(
         model=ModelIdentity(
-            name=model["name"], version=model["version"], family=Code(**model["family"]),
+            name=model["name"],
+            version=model["version"],
+            family=Code(**model["family"]),
             description=model.get("description", ""),
         ),
         series_instance_uid=meta["series_instance_uid"],

@@ -23,8 +23,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _HEADER_TAGS = [
-    "SeriesInstanceUID", "StudyInstanceUID", "Modality", "BodyPartExamined", "SeriesDescription",
-    "ImageType", "SliceThickness", "NumberOfFrames", "SOPInstanceUID", "SeriesNumber",
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "Modality",
+    "BodyPartExamined",
+    "SeriesDescription",
+    "ImageType",
+    "SliceThickness",
+    "NumberOfFrames",
+    "SOPInstanceUID",
+    "SeriesNumber",
 ]
 
 
@@ -76,18 +84,20 @@ def series_from_files(paths: Iterable[Path | str]) -> list[SeriesInfo]:
         types = [tuple(str(v).upper() for v in (ds.get("ImageType") or [])) for _, ds in items]
         thicknesses = [_float(ds.get("SliceThickness")) for _, ds in items]
         number = first.get("SeriesNumber")
-        result.append(SeriesInfo(
-            series_instance_uid=uid,
-            modality=str(first.get("Modality", "")).upper(),
-            body_part_examined=str(first.get("BodyPartExamined", "") or "").upper(),
-            series_description=str(first.get("SeriesDescription", "") or ""),
-            image_type=max(set(types), key=types.count),
-            number_of_instances=sum(int(ds.get("NumberOfFrames", 1) or 1) for _, ds in items),
-            slice_thickness=max(set(thicknesses), key=thicknesses.count),
-            files=[p for p, _ in items],
-            study_instance_uid=str(first.get("StudyInstanceUID", "")),
-            series_number=int(number) if number not in (None, "") else None,
-        ))
+        result.append(
+            SeriesInfo(
+                series_instance_uid=uid,
+                modality=str(first.get("Modality", "")).upper(),
+                body_part_examined=str(first.get("BodyPartExamined", "") or "").upper(),
+                series_description=str(first.get("SeriesDescription", "") or ""),
+                image_type=max(set(types), key=types.count),
+                number_of_instances=sum(int(ds.get("NumberOfFrames", 1) or 1) for _, ds in items),
+                slice_thickness=max(set(thicknesses), key=thicknesses.count),
+                files=[p for p, _ in items],
+                study_instance_uid=str(first.get("StudyInstanceUID", "")),
+                series_number=int(number) if number not in (None, "") else None,
+            )
+        )
     return result
 
 

@@ -164,8 +164,12 @@ def load_volume(files: Sequence[Path | str], *, min_slices: int = MIN_SLICES) ->
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             raise NotAVolumeError(f"{path}: multi-frame (enhanced) images are not supported; send single-frame images")
         if (ds.get("Rows"), ds.get("Columns")) != (first.get("Rows"), first.get("Columns")):
-            raise NotAVolumeError(f"{path}: image size {ds.get('Rows')}x{ds.get('Columns')} differs from the rest of the series")
-    orientations = np.stack([_vector(ds, "ImageOrientationPatient", 6, p) for ds, p in zip(datasets, paths, strict=True)])
+            raise NotAVolumeError(
+                f"{path}: image size {ds.get('Rows')}x{ds.get('Columns')} differs from the rest of the series"
+            )
+    orientations = np.stack(
+        [_vector(ds, "ImageOrientationPatient", 6, p) for ds, p in zip(datasets, paths, strict=True)]
+    )
     positions = np.stack([_vector(ds, "ImagePositionPatient", 3, p) for ds, p in zip(datasets, paths, strict=True)])
     pixel_spacings = np.stack([_vector(ds, "PixelSpacing", 2, p) for ds, p in zip(datasets, paths, strict=True)])
     if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:

@@ -80,13 +80,26 @@ class InstanceHeader:
 
 # keyword -> kind ("str", "int", "float", "multi")
 INDEXED_ATTRIBUTES: dict[str, str] = {
-    "PatientID": "str", "IssuerOfPatientID": "str", "PatientName": "str",
-    "PatientBirthDate": "str", "PatientSex": "str",
-    "AccessionNumber": "str", "StudyID": "str", "StudyDate": "str", "StudyTime": "str",
-    "StudyDescription": "str", "ReferringPhysicianName": "str",
-    "Modality": "str", "BodyPartExamined": "str", "SeriesDescription": "str",
-    "SeriesNumber": "int", "SeriesDate": "str", "SeriesTime": "str",
-    "ImageType": "multi", "SliceThickness": "float", "InstanceNumber": "int",
+    "PatientID": "str",
+    "IssuerOfPatientID": "str",
+    "PatientName": "str",
+    "PatientBirthDate": "str",
+    "PatientSex": "str",
+    "AccessionNumber": "str",
+    "StudyID": "str",
+    "StudyDate": "str",
+    "StudyTime": "str",
+    "StudyDescription": "str",
+    "ReferringPhysicianName": "str",
+    "Modality": "str",
+    "BodyPartExamined": "str",
+    "SeriesDescription": "str",
+    "SeriesNumber": "int",
+    "SeriesDate": "str",
+    "SeriesTime": "str",
+    "ImageType": "multi",
+    "SliceThickness": "float",
+    "InstanceNumber": "int",
 }
 
 
@@ -161,7 +174,9 @@ def _walk(data: bytes | memoryview, implicit: bool, little: bool) -> Dataset:
         for elem in data_element_generator(fp, implicit, little, defer_size=_DEFER):
             tag = int(elem.tag)
             if tag <= previous:
-                raise DatasetError(f"element {elem.tag} out of order after ({previous >> 16:04X},{previous & 0xFFFF:04X})")
+                raise DatasetError(
+                    f"element {elem.tag} out of order after ({previous >> 16:04X},{previous & 0xFFFF:04X})"
+                )
             previous = tag
             elements[elem.tag] = elem
     except DatasetError:
@@ -169,7 +184,9 @@ def _walk(data: bytes | memoryview, implicit: bool, little: bool) -> Dataset:
     except (EOFError, ValueError, KeyError, NotImplementedError, OSError, struct_error) as err:
         raise DatasetError(f"dataset does not parse: {err}") from None
     if fp.tell() != len(data):
-        raise DatasetError(f"dataset does not parse: element lengths run past the end ({fp.tell()} of {len(data)} bytes)")
+        raise DatasetError(
+            f"dataset does not parse: element lengths run past the end ({fp.tell()} of {len(data)} bytes)"
+        )
     if not elements:
         raise DatasetError("dataset is empty")
     ds = Dataset(elements)
@@ -193,8 +210,9 @@ def parse_encoded(data: bytes | memoryview, transfer_syntax: str) -> Dataset:
     return _walk(data, implicit, little)
 
 
-def header_from_dataset(ds: Dataset, *, expected_sop_class: str | None = None,
-                        expected_sop_instance: str | None = None) -> InstanceHeader:
+def header_from_dataset(
+    ds: Dataset, *, expected_sop_class: str | None = None, expected_sop_instance: str | None = None
+) -> InstanceHeader:
     """Validate the UIDs of ``ds`` and collect the indexed attributes.
 
     Parameters
@@ -210,11 +228,11 @@ def header_from_dataset(ds: Dataset, *, expected_sop_class: str | None = None,
     sop_class = validate_uid(raw["SOPClassUID"], "SOPClassUID")
     sop_instance = validate_uid(raw["SOPInstanceUID"], "SOPInstanceUID")
     if expected_sop_class is not None and sop_class != expected_sop_class:
-        raise SOPClassMismatchError(
-            f"dataset SOPClassUID {sop_class} differs from the request's {expected_sop_class}")
+        raise SOPClassMismatchError(f"dataset SOPClassUID {sop_class} differs from the request's {expected_sop_class}")
     if expected_sop_instance is not None and sop_instance != expected_sop_instance:
         raise SOPClassMismatchError(
-            f"dataset SOPInstanceUID {sop_instance} differs from the request's {expected_sop_instance}")
+            f"dataset SOPInstanceUID {sop_instance} differs from the request's {expected_sop_instance}"
+        )
     encodings = _encodings(ds)
     return InstanceHeader(
         SOPClassUID=sop_class,

@@ -48,14 +48,25 @@ def _values(model: type, header: InstanceHeader, keywords: tuple[str, ...]) -> d
 
 _PATIENT = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex")
 _STUDY = ("AccessionNumber", "StudyID", "StudyDate", "StudyTime", "StudyDescription", "ReferringPhysicianName")
-_SERIES = ("Modality", "BodyPartExamined", "SeriesDescription", "SeriesNumber", "SeriesDate",
-           "SeriesTime", "ImageType", "SliceThickness")
+_SERIES = (
+    "Modality",
+    "BodyPartExamined",
+    "SeriesDescription",
+    "SeriesNumber",
+    "SeriesDate",
+    "SeriesTime",
+    "ImageType",
+    "SliceThickness",
+)
 
 
 def _patient(session: Session, header: InstanceHeader) -> Patient:
     values = _values(Patient, header, _PATIENT)
-    patient = session.scalar(select(Patient).where(
-        Patient.PatientID == values["PatientID"], Patient.IssuerOfPatientID == values["IssuerOfPatientID"]))
+    patient = session.scalar(
+        select(Patient).where(
+            Patient.PatientID == values["PatientID"], Patient.IssuerOfPatientID == values["IssuerOfPatientID"]
+        )
+    )
     if patient is None:
         patient = Patient(**values)
         session.add(patient)
@@ -67,10 +78,18 @@ def _study(session: Session, header: InstanceHeader, now: datetime, derived: boo
     if study is None:
         # A study first seen through our own output has nothing left to analyse.
         state = StudyState.analysed if derived else StudyState.received
-        study = Study(StudyInstanceUID=header.StudyInstanceUID, patient=_patient(session, header),
-                      state=state, state_changed_at=now, first_received_at=now, last_received_at=now,
-                      NumberOfStudyRelatedSeries=0, NumberOfStudyRelatedInstances=0,
-                      ModalitiesInStudy="", **_values(Study, header, _STUDY))
+        study = Study(
+            StudyInstanceUID=header.StudyInstanceUID,
+            patient=_patient(session, header),
+            state=state,
+            state_changed_at=now,
+            first_received_at=now,
+            last_received_at=now,
+            NumberOfStudyRelatedSeries=0,
+            NumberOfStudyRelatedInstances=0,
+            ModalitiesInStudy="",
+            **_values(Study, header, _STUDY),
+        )
         session.add(study)
     return study
 
@@ -81,16 +100,32 @@ _PATH_OF = Prepared(select(_instance.c.path).where(_instance.c.SOPInstanceUID ==
 _FIND_SERIES = Prepared(
     select(_series.c.id, _series.c.study_id, _study_t.c.StudyInstanceUID, _study_t.c.state)
     .join(_study_t, _series.c.study_id == _study_t.c.id)
-    .where(_series.c.SeriesInstanceUID == bindparam("b_series")))
-_INSTANCE_COLUMNS = ("SOPInstanceUID", "SOPClassUID", "series_id", "InstanceNumber", "TransferSyntaxUID",
-                     "path", "size", "received_at")
+    .where(_series.c.SeriesInstanceUID == bindparam("b_series"))
+)
+_INSTANCE_COLUMNS = (
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "series_id",
+    "InstanceNumber",
+    "TransferSyntaxUID",
+    "path",
+    "size",
+    "received_at",
+)
 _ADD_INSTANCE = Prepared(insert(_instance), column_keys=_INSTANCE_COLUMNS)
 _COUNT_SERIES = Prepared(
-    update(_series).where(_series.c.id == bindparam("b_id"))
-    .values(NumberOfSeriesRelatedInstances=_series.c.NumberOfSeriesRelatedInstances + 1,
-            last_received_at=bindparam("b_now", type_=_series.c.last_received_at.type)))
-_count_study = (update(_study_t).where(_study_t.c.id == bindparam("b_id"))
-                .values(NumberOfStudyRelatedInstances=_study_t.c.NumberOfStudyRelatedInstances + 1))
+    update(_series)
+    .where(_series.c.id == bindparam("b_id"))
+    .values(
+        NumberOfSeriesRelatedInstances=_series.c.NumberOfSeriesRelatedInstances + 1,
+        last_received_at=bindparam("b_now", type_=_series.c.last_received_at.type),
+    )
+)
+_count_study = (
+    update(_study_t)
+    .where(_study_t.c.id == bindparam("b_id"))
+    .values(NumberOfStudyRelatedInstances=_study_t.c.NumberOfStudyRelatedInstances + 1)
+)
 _now = bindparam("b_now", type_=_study_t.c.last_received_at.type)
 _COUNT_STUDY_DERIVED = Prepared(_count_study)
 _COUNT_STUDY_RECEIVED = Prepared(_count_study.values(last_received_at=_now))
@@ -103,8 +138,17 @@ def indexed_path(conn: Connection, sop_instance_uid: str) -> str | None:
     return rows[0][0] if rows else None
 
 
-def record_instance(conn: Connection, header: InstanceHeader, *, path: str, transfer_syntax: str,
-                    size: int, now: datetime, derived: bool = False, known_new: bool = False) -> bool:
+def record_instance(
+    conn: Connection,
+    header: InstanceHeader,
+    *,
+    path: str,
+    transfer_syntax: str,
+    size: int,
+    now: datetime,
+    derived: bool = False,
+    known_new: bool = False,
+) -> bool:
     """Add one instance to the index; return ``False`` if its SOP Instance UID is known.
 
     Runs in the caller's transaction on ``conn``; the caller commits. Concurrent
@@ -118,17 +162,32 @@ def record_instance(conn: Connection, header: InstanceHeader, *, path: str, tran
     rows = _FIND_SERIES.execute(conn, {"b_series": header.SeriesInstanceUID})
     if not rows:
         with Session(bind=conn) as session:
-            _record_in_new_series(session, header, path=path, transfer_syntax=transfer_syntax, size=size,
-                                  now=now, derived=derived)
+            _record_in_new_series(
+                session, header, path=path, transfer_syntax=transfer_syntax, size=size, now=now, derived=derived
+            )
         return True
     series_id, study_id, study_uid, state = rows[0]
     if study_uid != header.StudyInstanceUID:
-        log.warning("instance %s names study %s but its series %s belongs to study %s; indexed under the latter",
-                    header.SOPInstanceUID, header.StudyInstanceUID, header.SeriesInstanceUID, study_uid)
-    _ADD_INSTANCE.execute(conn, {
-        "SOPInstanceUID": header.SOPInstanceUID, "SOPClassUID": header.SOPClassUID, "series_id": series_id,
-        "InstanceNumber": header.get("InstanceNumber", None), "TransferSyntaxUID": transfer_syntax,
-        "path": path, "size": size, "received_at": now})
+        log.warning(
+            "instance %s names study %s but its series %s belongs to study %s; indexed under the latter",
+            header.SOPInstanceUID,
+            header.StudyInstanceUID,
+            header.SeriesInstanceUID,
+            study_uid,
+        )
+    _ADD_INSTANCE.execute(
+        conn,
+        {
+            "SOPInstanceUID": header.SOPInstanceUID,
+            "SOPClassUID": header.SOPClassUID,
+            "series_id": series_id,
+            "InstanceNumber": header.get("InstanceNumber", None),
+            "TransferSyntaxUID": transfer_syntax,
+            "path": path,
+            "size": size,
+            "received_at": now,
+        },
+    )
     _COUNT_SERIES.execute(conn, {"b_id": series_id, "b_now": now})
     if derived:
         _COUNT_STUDY_DERIVED.execute(conn, {"b_id": study_id})
@@ -140,17 +199,40 @@ def record_instance(conn: Connection, header: InstanceHeader, *, path: str, tran
     return True
 
 
-def _record_in_new_series(session: Session, header: InstanceHeader, *, path: str, transfer_syntax: str,
-                          size: int, now: datetime, derived: bool) -> None:
+def _record_in_new_series(
+    session: Session,
+    header: InstanceHeader,
+    *,
+    path: str,
+    transfer_syntax: str,
+    size: int,
+    now: datetime,
+    derived: bool,
+) -> None:
     study = _study(session, header, now, derived)
     origin = SeriesOrigin.derived if derived else SeriesOrigin.received
-    series = Series(SeriesInstanceUID=header.SeriesInstanceUID, study=study, origin=origin,
-                    NumberOfSeriesRelatedInstances=1, first_received_at=now, last_received_at=now,
-                    **_values(Series, header, _SERIES))
+    series = Series(
+        SeriesInstanceUID=header.SeriesInstanceUID,
+        study=study,
+        origin=origin,
+        NumberOfSeriesRelatedInstances=1,
+        first_received_at=now,
+        last_received_at=now,
+        **_values(Series, header, _SERIES),
+    )
     session.add(series)
-    session.add(Instance(SOPInstanceUID=header.SOPInstanceUID, SOPClassUID=header.SOPClassUID, series=series,
-                         InstanceNumber=header.get("InstanceNumber", None), TransferSyntaxUID=transfer_syntax,
-                         path=path, size=size, received_at=now))
+    session.add(
+        Instance(
+            SOPInstanceUID=header.SOPInstanceUID,
+            SOPClassUID=header.SOPClassUID,
+            series=series,
+            InstanceNumber=header.get("InstanceNumber", None),
+            TransferSyntaxUID=transfer_syntax,
+            path=path,
+            size=size,
+            received_at=now,
+        )
+    )
     study.NumberOfStudyRelatedSeries += 1
     study.NumberOfStudyRelatedInstances += 1
     if not derived and series.Modality:
@@ -160,7 +242,8 @@ def _record_in_new_series(session: Session, header: InstanceHeader, *, path: str
     if not derived:
         study.last_received_at = now
         if study.state != StudyState.received:
-            log.info("study %s was %s; a late instance returns it to received", study.StudyInstanceUID,
-                     study.state.value)
+            log.info(
+                "study %s was %s; a late instance returns it to received", study.StudyInstanceUID, study.state.value
+            )
             study.set_state(StudyState.received, now)
     session.flush()

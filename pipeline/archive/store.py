@@ -95,8 +95,10 @@ def encode_dataset(ds: Dataset, transfer_syntax: str) -> bytes:
 
 def is_derived_file(meta: FileMetaDataset) -> bool:
     """Whether a stored file's File Meta marks it as radtriage's own output."""
-    return (meta.get("PrivateInformationCreatorUID") == IMPLEMENTATION_CLASS_UID
-            and bytes(meta.get("PrivateInformation") or b"").rstrip(b"\x00 ") == DERIVED_MARK)
+    return (
+        meta.get("PrivateInformationCreatorUID") == IMPLEMENTATION_CLASS_UID
+        and bytes(meta.get("PrivateInformation") or b"").rstrip(b"\x00 ") == DERIVED_MARK
+    )
 
 
 def _element(group_elem: int, vr: bytes, value: bytes) -> bytes:
@@ -111,8 +113,14 @@ def _pad(value: str, pad: bytes) -> bytes:
     return raw + pad if len(raw) % 2 else raw
 
 
-def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
-                     source_ae: str | None = None, *, derived: bool = False) -> bytes:
+def encode_file_meta(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    source_ae: str | None = None,
+    *,
+    derived: bool = False,
+) -> bytes:
     """Preamble, ``DICM`` and the File Meta Information group for one instance.
 
     Hand-encoded (it runs once per received image; pydicom's writer takes 20x longer);
@@ -163,8 +171,15 @@ class Archive:
         self._dirs_lock = threading.Lock()
 
     # ---- public API -------------------------------------------------------------
-    def store_encoded(self, encoded: bytes | memoryview, *, transfer_syntax: str, sop_class_uid: str,
-                      sop_instance_uid: str, source_ae: str | None = None) -> StoredInstance:
+    def store_encoded(
+        self,
+        encoded: bytes | memoryview,
+        *,
+        transfer_syntax: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        source_ae: str | None = None,
+    ) -> StoredInstance:
         """Store a dataset exactly as a sender encoded it (no File Meta, pixels untouched).
 
         Raises
@@ -183,8 +198,7 @@ class Archive:
         staged = self._writer.submit(self._write_temp, (meta, encoded))
         try:
             ds = parse_encoded(encoded, transfer_syntax)
-            header = header_from_dataset(ds, expected_sop_class=sop_class_uid,
-                                         expected_sop_instance=sop_instance_uid)
+            header = header_from_dataset(ds, expected_sop_class=sop_class_uid, expected_sop_instance=sop_instance_uid)
         except BaseException:
             try:
                 tmp, _ = staged.result()
@@ -222,9 +236,16 @@ class Archive:
     def series_files(self, series_uid: str) -> list[Path]:
         """The files of one series, in InstanceNumber order (then SOP Instance UID)."""
         with session_scope(self.session_factory, readonly=True) as session:
-            rows = session.execute(
-                select(Instance.path).join(Series).where(Series.SeriesInstanceUID == series_uid)
-                .order_by(Instance.InstanceNumber, Instance.SOPInstanceUID)).scalars().all()
+            rows = (
+                session.execute(
+                    select(Instance.path)
+                    .join(Series)
+                    .where(Series.SeriesInstanceUID == series_uid)
+                    .order_by(Instance.InstanceNumber, Instance.SOPInstanceUID)
+                )
+                .scalars()
+                .all()
+            )
         return [self.data_dir / rel for rel in rows]
 
     def relative_path(self, header: InstanceHeader) -> str:
@@ -232,8 +253,9 @@ class Archive:
         return f"{FILES_DIR}/{header.StudyInstanceUID}/{header.SeriesInstanceUID}/{header.SOPInstanceUID}.dcm"
 
     # ---- the durable path ---------------------------------------------------------
-    def _commit(self, header: InstanceHeader, tmp: Path, size: int, transfer_syntax: str,
-                *, derived: bool) -> StoredInstance:
+    def _commit(
+        self, header: InstanceHeader, tmp: Path, size: int, transfer_syntax: str, *, derived: bool
+    ) -> StoredInstance:
         """For a fsynced temp file: in one index transaction, resend check, rename into
         place, fsync the folder, index row, commit. A resend leaves the stored file as is."""
         rel = self.relative_path(header)
@@ -245,8 +267,10 @@ class Archive:
                     with self.engine.begin() as conn:
                         existing = indexed_path(conn, header.SOPInstanceUID)
                         if existing is not None and (renamed or (self.data_dir / existing).exists()):
-                            log.info("SOP Instance %s already stored; resend acknowledged, not stored again",
-                                     header.SOPInstanceUID)
+                            log.info(
+                                "SOP Instance %s already stored; resend acknowledged, not stored again",
+                                header.SOPInstanceUID,
+                            )
                             return self._result(header, existing, duplicate=True)
                         dir_synced = None
                         if not renamed:
@@ -257,11 +281,21 @@ class Archive:
                                 dir_synced = self._writer.submit(_fsync_dir, final.parent)
                         try:
                             if existing is None:
-                                record_instance(conn, header, path=rel, transfer_syntax=transfer_syntax,
-                                                size=size, now=utcnow(), derived=derived, known_new=True)
+                                record_instance(
+                                    conn,
+                                    header,
+                                    path=rel,
+                                    transfer_syntax=transfer_syntax,
+                                    size=size,
+                                    now=utcnow(),
+                                    derived=derived,
+                                    known_new=True,
+                                )
                             else:
-                                log.warning("SOP Instance %s was indexed but its file was missing; file restored",
-                                            header.SOPInstanceUID)
+                                log.warning(
+                                    "SOP Instance %s was indexed but its file was missing; file restored",
+                                    header.SOPInstanceUID,
+                                )
                         finally:
                             if dir_synced is not None:
                                 dir_synced.result()  # the rename is durable before the row commits
@@ -290,8 +324,14 @@ class Archive:
 
     def _result(self, header: InstanceHeader, rel: str, *, duplicate: bool, size: int | None = None) -> StoredInstance:
         path = self.data_dir / rel
-        return StoredInstance(header.SOPInstanceUID, header.SeriesInstanceUID, header.StudyInstanceUID, path,
-                              size if size is not None else path.stat().st_size, duplicate)
+        return StoredInstance(
+            header.SOPInstanceUID,
+            header.SeriesInstanceUID,
+            header.StudyInstanceUID,
+            path,
+            size if size is not None else path.stat().st_size,
+            duplicate,
+        )
 
     def _ensure_dir(self, folder: Path) -> None:
         if folder in self._known_dirs:
@@ -331,8 +371,15 @@ class Archive:
         for attempt in range(3):
             try:
                 with self.engine.begin() as conn:
-                    return record_instance(conn, header, path=rel, transfer_syntax=transfer_syntax,
-                                           size=size, now=utcnow(), derived=derived)
+                    return record_instance(
+                        conn,
+                        header,
+                        path=rel,
+                        transfer_syntax=transfer_syntax,
+                        size=size,
+                        now=utcnow(),
+                        derived=derived,
+                    )
             except IntegrityError:
                 if attempt == 2:
                     raise
@@ -362,8 +409,11 @@ class Archive:
                 if not names:
                     continue
                 with session_scope(self.session_factory, readonly=True) as session:
-                    known = set(session.execute(select(Instance.path).join(Series).where(
-                        Series.SeriesInstanceUID == series_dir.name)).scalars())
+                    known = set(
+                        session.execute(
+                            select(Instance.path).join(Series).where(Series.SeriesInstanceUID == series_dir.name)
+                        ).scalars()
+                    )
                 for name in names:
                     rel = f"{FILES_DIR}/{study_dir.name}/{series_dir.name}/{name}"
                     if rel not in known:
@@ -384,8 +434,9 @@ class Archive:
             os.replace(path, aside)
             log.error("recovery: %s is unreadable (%s); moved to %s", path, err, aside)
             return 0
-        self._index(header, rel, str(ds.file_meta.TransferSyntaxUID), path.stat().st_size,
-                    derived=is_derived_file(ds.file_meta))
+        self._index(
+            header, rel, str(ds.file_meta.TransferSyntaxUID), path.stat().st_size, derived=is_derived_file(ds.file_meta)
+        )
         return 1
 
 

@@ -28,16 +28,19 @@ def _entry(analysis: Any) -> dict[str, Any]:
         "number_of_instances": series.number_of_instances if series else None,
         "seconds": round(analysis.seconds, 2),
         "priority": result.priority.value if result else None,
-        "findings": [{
-            "label": f.label,
-            "present": f.present,
-            "probability": round(f.probability, 4),
-            "volume_ml": round(f.volume_ml, 3),
-            "max_diameter_mm": round(f.max_diameter_mm, 1),
-            "priority": f.priority.value,
-            "type": {"value": f.type.value, "scheme": f.type.scheme, "meaning": f.type.meaning},
-            "category": {"value": f.category.value, "scheme": f.category.scheme, "meaning": f.category.meaning},
-        } for f in (result.findings if result else [])],
+        "findings": [
+            {
+                "label": f.label,
+                "present": f.present,
+                "probability": round(f.probability, 4),
+                "volume_ml": round(f.volume_ml, 3),
+                "max_diameter_mm": round(f.max_diameter_mm, 1),
+                "priority": f.priority.value,
+                "type": {"value": f.type.value, "scheme": f.type.scheme, "meaning": f.type.meaning},
+                "category": {"value": f.category.value, "scheme": f.category.scheme, "meaning": f.category.meaning},
+            }
+            for f in (result.findings if result else [])
+        ],
     }
 
 
@@ -75,8 +78,10 @@ def _analyze(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{head} on {where} in {e['seconds']:.1f} s: priority {e['priority']}")
             for f in e["findings"]:
                 state = "PRESENT" if f["present"] else "absent"
-                print(f"  {f['label']}: {state}  p={f['probability']:.2f}  {f['volume_ml']:.1f} ml  "
-                      f"max diameter {f['max_diameter_mm']:.0f} mm  priority {f['priority']}")
+                print(
+                    f"  {f['label']}: {state}  p={f['probability']:.2f}  {f['volume_ml']:.1f} ml  "
+                    f"max diameter {f['max_diameter_mm']:.0f} mm  priority {f['priority']}"
+                )
     return 1 if any(e["status"] == "failed" for e in entries) else 0
 
 

@@ -27,9 +27,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="send synthetic head CT studies (with and without a bleed) to a running radtriage"
     )
-    parser.add_argument("--to", metavar="AE@HOST:PORT", type=parse_peer,
-                        help="destination (default: this config's receiver on 127.0.0.1)")
-    parser.add_argument("--studies", type=int, default=len(DEMO_CASES), help="how many studies (bleed, none, none, bleed, ...)")
+    parser.add_argument(
+        "--to",
+        metavar="AE@HOST:PORT",
+        type=parse_peer,
+        help="destination (default: this config's receiver on 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--studies", type=int, default=len(DEMO_CASES), help="how many studies (bleed, none, none, bleed, ...)"
+    )
     parser.add_argument("--slices", type=int, default=32, help="slices per study")
     parser.set_defaults(func=run)
 
@@ -49,13 +55,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             finding, seed = DEMO_CASES[i % len(DEMO_CASES)]
             seed += 10 * (i // len(DEMO_CASES))
             files = synth_study(Path(tmp) / str(i), seed=seed, slices=args.slices, volume=volume_generator(finding))
-            items = [Item(n, str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), f)
-                     for n, f in enumerate(files)]
+            items = [
+                Item(n, str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), f) for n, f in enumerate(files)
+            ]
             outcomes, _ = store_items(target, items, settings.dicom)
             failed = [o for o in outcomes if not o.delivered]
             failures += len(failed)
             outcome = "sent" if not failed else f"{len(failed)} FAILED ({failed[0].error})"
-            print(f"study {i + 1}: {finding:<10} {len(outcomes) - len(failed)}/{len(files)} images {outcome} to {target}")
+            print(
+                f"study {i + 1}: {finding:<10} {len(outcomes) - len(failed)}/{len(files)} images {outcome} to {target}"
+            )
     if not failures:
         print("Open the worklist to watch them arrive; the bleeds rise to the top once analysed.")
     return 1 if failures else 0

@@ -17,11 +17,21 @@ def _describe(model: Any) -> dict[str, Any]:
         "status": "available",
         "path": str(model.path),
         "intended_use": model.bundle.metadata.intended_use,
-        "series": {"modality": rules.modality, "body_part_examined": rules.body_part_examined,
-                   "min_slices": rules.min_slices, "prefer": rules.prefer},
-        "findings": [{"channel": f.channel, "label": f.label, "type": f.type.meaning,
-                      "priority": [r.model_dump(exclude_none=True, mode="json") for r in f.priority]}
-                     for f in model.spec.findings],
+        "series": {
+            "modality": rules.modality,
+            "body_part_examined": rules.body_part_examined,
+            "min_slices": rules.min_slices,
+            "prefer": rules.prefer,
+        },
+        "findings": [
+            {
+                "channel": f.channel,
+                "label": f.label,
+                "type": f.type.meaning,
+                "priority": [r.model_dump(exclude_none=True, mode="json") for r in f.priority],
+            }
+            for f in model.spec.findings
+        ],
     }
 
 
@@ -36,8 +46,10 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
     registry = load_registry(settings.models.dir, check=check)
     if args.json:
         rows = [_describe(m) for m in registry.available]
-        rows += [{"name": u.name, "status": "unavailable", "path": str(u.path), "reason": u.reason}
-                 for u in registry.unavailable]
+        rows += [
+            {"name": u.name, "status": "unavailable", "path": str(u.path), "reason": u.reason}
+            for u in registry.unavailable
+        ]
         print(json.dumps({"models_dir": str(registry.models_dir), "models": rows}, indent=2))
         return 0
     print(f"models folder: {registry.models_dir}")
@@ -54,6 +66,7 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("models", help="list the models: available, and unavailable with the reason")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--quick", action="store_true",
-                        help="check files only; do not build the networks and load their weights")
+    parser.add_argument(
+        "--quick", action="store_true", help="check files only; do not build the networks and load their weights"
+    )
     parser.set_defaults(func=_models)

@@ -60,6 +60,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "serve", help="run the receiver, archive and triage in the foreground (Ctrl-C stops)",
-        description="Migrate the index, then run every radtriage component until SIGINT/SIGTERM.")
+        "serve",
+        help="run the receiver, archive and triage in the foreground (Ctrl-C stops)",
+        description="Migrate the index, then run every radtriage component until SIGINT/SIGTERM.",
+    )
     parser.set_defaults(func=_serve)

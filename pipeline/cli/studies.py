@@ -21,22 +21,26 @@ def list_studies(settings: Settings) -> list[dict[str, Any]]:
     engine = create_index_engine(settings.index_url)
     try:
         with session_scope(engine, readonly=True) as session:
-            studies = session.scalars(select(Study).options(joinedload(Study.patient))
-                                      .order_by(Study.last_received_at.desc())).all()
-            return [{
-                "StudyInstanceUID": s.StudyInstanceUID,
-                "PatientName": s.patient.PatientName,
-                "PatientID": s.patient.PatientID,
-                "AccessionNumber": s.AccessionNumber,
-                "StudyDate": s.StudyDate,
-                "StudyDescription": s.StudyDescription,
-                "ModalitiesInStudy": s.ModalitiesInStudy,
-                "state": s.state.value,
-                "state_changed_at": s.state_changed_at.isoformat(),
-                "last_received_at": s.last_received_at.isoformat(),
-                "NumberOfStudyRelatedSeries": s.NumberOfStudyRelatedSeries,
-                "NumberOfStudyRelatedInstances": s.NumberOfStudyRelatedInstances,
-            } for s in studies]
+            studies = session.scalars(
+                select(Study).options(joinedload(Study.patient)).order_by(Study.last_received_at.desc())
+            ).all()
+            return [
+                {
+                    "StudyInstanceUID": s.StudyInstanceUID,
+                    "PatientName": s.patient.PatientName,
+                    "PatientID": s.patient.PatientID,
+                    "AccessionNumber": s.AccessionNumber,
+                    "StudyDate": s.StudyDate,
+                    "StudyDescription": s.StudyDescription,
+                    "ModalitiesInStudy": s.ModalitiesInStudy,
+                    "state": s.state.value,
+                    "state_changed_at": s.state_changed_at.isoformat(),
+                    "last_received_at": s.last_received_at.isoformat(),
+                    "NumberOfStudyRelatedSeries": s.NumberOfStudyRelatedSeries,
+                    "NumberOfStudyRelatedInstances": s.NumberOfStudyRelatedInstances,
+                }
+                for s in studies
+            ]
     finally:
         engine.dispose()
 
@@ -51,8 +55,10 @@ def _studies(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     print(f"{'state':<10} {'series':>6} {'inst':>6}  {'date':<8}  {'patient':<24} {'accession':<12} StudyInstanceUID")
     for r in rows:
-        print(f"{r['state']:<10} {r['NumberOfStudyRelatedSeries']:>6} {r['NumberOfStudyRelatedInstances']:>6}  "
-              f"{r['StudyDate']:<8}  {r['PatientName'][:24]:<24} {r['AccessionNumber'][:12]:<12} {r['StudyInstanceUID']}")
+        print(
+            f"{r['state']:<10} {r['NumberOfStudyRelatedSeries']:>6} {r['NumberOfStudyRelatedInstances']:>6}  "
+            f"{r['StudyDate']:<8}  {r['PatientName'][:24]:<24} {r['AccessionNumber'][:12]:<12} {r['StudyInstanceUID']}"
+        )
     return 0
 
 

@@ -17,8 +17,9 @@ def _synth(args: argparse.Namespace, settings: Settings) -> int:
         from pipeline.lab.phantom.generator import volume_generator
 
         volume = volume_generator(args.finding)
-    paths = synth_study(Path(args.out), seed=args.seed, slices=args.slices, rows=args.rows, cols=args.cols,
-                        volume=volume)
+    paths = synth_study(
+        Path(args.out), seed=args.seed, slices=args.slices, rows=args.rows, cols=args.cols, volume=volume
+    )
     print(f"wrote {len(paths)} CT images to {args.out}")
     return 0
 
@@ -32,9 +33,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--slices", type=int, default=40, help="number of axial slices (default 40)")
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--cols", type=int, default=512)
-    parser.add_argument("--phantom", choices=sorted(VOLUME_GENERATORS), default="head",
-                        help="volume generator (default head)")
-    parser.add_argument("--finding", choices=["hemorrhage", "none"],
-                        help="realistic head CT from real atlas anatomy (pipeline.lab.phantom), with or without an "
-                             "acute intracranial hemorrhage; replaces --phantom")
+    parser.add_argument(
+        "--phantom", choices=sorted(VOLUME_GENERATORS), default="head", help="volume generator (default head)"
+    )
+    parser.add_argument(
+        "--finding",
+        choices=["hemorrhage", "none"],
+        help="realistic head CT from real atlas anatomy (pipeline.lab.phantom), with or without an "
+        "acute intracranial hemorrhage; replaces --phantom",
+    )
     parser.set_defaults(func=_synth)

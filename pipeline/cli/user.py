@@ -11,15 +11,25 @@ from pipeline.errors import RadtriageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser("user", help="manage worklist web app users",
-                                   description="Create, list and disable users of the worklist web app.")
+    parser = subparsers.add_parser(
+        "user",
+        help="manage worklist web app users",
+        description="Create, list and disable users of the worklist web app.",
+    )
     sub = parser.add_subparsers(dest="user_command", required=True, metavar="ACTION")
     add = sub.add_parser("add", help="create a user, or set a new password and role for an existing one")
     add.add_argument("name", help="user name (no spaces)")
-    add.add_argument("--role", choices=["radiologist", "admin"], default="radiologist",
-                     help="admin also reads the audit log (default: radiologist)")
-    add.add_argument("--password-stdin", action="store_true",
-                     help="read the password from the first line of standard input instead of prompting")
+    add.add_argument(
+        "--role",
+        choices=["radiologist", "admin"],
+        default="radiologist",
+        help="admin also reads the audit log (default: radiologist)",
+    )
+    add.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input instead of prompting",
+    )
     add.set_defaults(func=add_user)
     listing = sub.add_parser("list", help="list users")
     listing.set_defaults(func=list_users)

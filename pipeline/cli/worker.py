@@ -17,11 +17,15 @@ def build_worker(settings: Settings) -> ProcessRunner:
     from pipeline.triage.runtime import Runtime
 
     if not os.environ.get("PREFECT_API_URL"):
-        raise ConfigError("radtriage worker needs the shared Prefect server: set PREFECT_API_URL "
-                          "(e.g. http://prefect.example:4200/api)")
+        raise ConfigError(
+            "radtriage worker needs the shared Prefect server: set PREFECT_API_URL "
+            "(e.g. http://prefect.example:4200/api)"
+        )
     if settings.index_url.startswith("sqlite"):
-        raise ConfigError("radtriage worker needs the shared index: set [index] url (PostgreSQL) or "
-                          "RADTRIAGE_INDEX__URL; SQLite cannot be shared between machines")
+        raise ConfigError(
+            "radtriage worker needs the shared index: set [index] url (PostgreSQL) or "
+            "RADTRIAGE_INDEX__URL; SQLite cannot be shared between machines"
+        )
     runtime = Runtime.from_settings(settings)  # no archive recovery: the receiving machine does that
     return ProcessRunner([triage_orchestration(runtime, dispatch=False)], on_stop=runtime.engine.dispose)
 
@@ -32,7 +36,9 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "worker", help="run triage flow runs from a shared Prefect server, models kept in memory",
+        "worker",
+        help="run triage flow runs from a shared Prefect server, models kept in memory",
         description="Claim and run triage-study flow runs (the index, archive and Prefect are shared; "
-                    "see README, Scale out).")
+        "see README, Scale out).",
+    )
     parser.set_defaults(func=_worker)

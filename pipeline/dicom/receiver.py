@@ -52,9 +52,19 @@ from pipeline.errors import ConfigError
 log = logging.getLogger(__name__)
 
 TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-    RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
 ]
 
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -101,8 +111,9 @@ def handle_store(event: evt.Event, archive: Archive) -> int | Dataset:
             )
         except tuple(cls for cls, _ in _FAILURES) as err:
             code = next(c for cls, c in _FAILURES if isinstance(err, cls))
-            log.warning("C-STORE from %s of %s refused with 0x%04X: %s", calling,
-                        request.AffectedSOPInstanceUID, code, err)
+            log.warning(
+                "C-STORE from %s of %s refused with 0x%04X: %s", calling, request.AffectedSOPInstanceUID, code, err
+            )
             return _status(code, str(err))
     return 0x0000
 
@@ -111,8 +122,11 @@ def _log_request(event: evt.Event, settings: Settings) -> None:
     """EVT_REQUESTED handler: say why an association is about to be rejected."""
     calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
     if not settings.dicom.open_to_all and calling not in settings.dicom.allowed_aes:
-        log.warning("association from %s (%s) rejected: calling AE title not in [dicom] allowed_aes",
-                    calling, event.assoc.requestor.address)
+        log.warning(
+            "association from %s (%s) rejected: calling AE title not in [dicom] allowed_aes",
+            calling,
+            event.assoc.requestor.address,
+        )
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -177,8 +191,13 @@ def start_receiver(settings: Settings, archive: Archive, *, ae: AE | None = None
     )
     cheap_context_copies(server)
     host, port = server.server_address[:2]
-    log.info("DICOM receiver %s listening on %s:%d%s", settings.dicom.ae_title, host, port,
-             " (TLS)" if settings.dicom.tls.enabled else "")
+    log.info(
+        "DICOM receiver %s listening on %s:%d%s",
+        settings.dicom.ae_title,
+        host,
+        port,
+        " (TLS)" if settings.dicom.tls.enabled else "",
+    )
     return server
 
 

@@ -145,16 +145,23 @@ class _CheapCopyContexts(list):  # type: ignore[type-arg]
 def cheap_context_copies(server: Any) -> bool:
     """Make ``server`` copy its presentation contexts cheaply for each association."""
     contexts = getattr(server, "contexts", None)
-    if not isinstance(contexts, list) or not all(
-            set(vars(cx)) <= _CONTEXT_FIELDS for cx in contexts):
+    if not isinstance(contexts, list) or not all(set(vars(cx)) <= _CONTEXT_FIELDS for cx in contexts):
         log.debug("pynetdicom server layout not recognised; contexts left as they are")
         return False
     server.contexts = _CheapCopyContexts(contexts)
     return True
 
 
-_CONTEXT_FIELDS = {"_context_id", "_abstract_syntax", "_transfer_syntax", "result", "_scu_role", "_scp_role",
-                   "_as_scp", "_as_scu"}
+_CONTEXT_FIELDS = {
+    "_context_id",
+    "_abstract_syntax",
+    "_transfer_syntax",
+    "result",
+    "_scu_role",
+    "_scp_role",
+    "_as_scp",
+    "_as_scu",
+}
 
 
 def _wrap_put(queue: Any, after: Any) -> None:

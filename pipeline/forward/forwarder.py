@@ -71,7 +71,9 @@ def deliver_target(
         try:
             path = Path(archive.path_of(job.SOPInstanceUID))
         except (RadtriageError, OSError, LookupError) as err:
-            items.append(Item(job.id, job.SOPInstanceUID, None, f"cannot find {job.SOPInstanceUID} in the archive: {err}"))
+            items.append(
+                Item(job.id, job.SOPInstanceUID, None, f"cannot find {job.SOPInstanceUID} in the archive: {err}")
+            )
             continue
         if not path.is_file():
             items.append(Item(job.id, job.SOPInstanceUID, None, f"archived file {path} is missing"))
@@ -204,9 +206,7 @@ class Forwarder(PollLoop):
                 with session_scope(self.session_factory) as session:
                     release_claims(session, [j.id for j in jobs])
                 continue
-            future = self._pool.submit(
-                deliver_target, self.settings, self.archive, self.session_factory, target, jobs
-            )
+            future = self._pool.submit(deliver_target, self.settings, self.archive, self.session_factory, target, jobs)
             with self._lock:
                 self._in_flight[target.ae_title] = future
             future.add_done_callback(lambda f, t=target, j=jobs: self._finished(t, j, f))

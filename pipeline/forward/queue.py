@@ -148,8 +148,10 @@ def enqueue_forwards(
         from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
     else:  # pragma: no cover - only SQLite and PostgreSQL are supported
         raise ValueError(f"forward queue does not support the {dialect} database")
-    stmt = insert(ForwardJob).values(rows).on_conflict_do_nothing(
-        index_elements=[ForwardJob.SOPInstanceUID, ForwardJob.destination_ae]
+    stmt = (
+        insert(ForwardJob)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=[ForwardJob.SOPInstanceUID, ForwardJob.destination_ae])
     )
     created = session.execute(stmt).rowcount or 0
     if created:
@@ -239,9 +241,12 @@ def record_outcomes(
             job.state = ForwardState.dead
             job.next_attempt_at = now
             log.error(
-                "giving up forwarding %s %s to %s after %d attempts: %s "
-                "(radtriage forwards --retry-now re-queues it)",
-                job.kind, job.SOPInstanceUID, job.destination_ae, job.attempts, job.last_error,
+                "giving up forwarding %s %s to %s after %d attempts: %s (radtriage forwards --retry-now re-queues it)",
+                job.kind,
+                job.SOPInstanceUID,
+                job.destination_ae,
+                job.attempts,
+                job.last_error,
             )
         else:
             delay = backoff_delay(job.attempts, settings.backoff_seconds, settings.backoff_max_seconds)
@@ -265,19 +270,25 @@ def retry_now(session: Session, *, revive_dead: bool = True, destination_ae: str
     now = utcnow()
     touched = 0
     where = [ForwardJob.destination_ae == destination_ae] if destination_ae else []
-    touched += session.execute(
-        update(ForwardJob)
-        .where(ForwardJob.state == ForwardState.pending, *where)
-        .values(next_attempt_at=now)
-        .execution_options(synchronize_session=False)
-    ).rowcount or 0
-    if revive_dead:
-        touched += session.execute(
+    touched += (
+        session.execute(
             update(ForwardJob)
-            .where(ForwardJob.state == ForwardState.dead, *where)
-            .values(state=ForwardState.pending, attempts=0, next_attempt_at=now)
+            .where(ForwardJob.state == ForwardState.pending, *where)
+            .values(next_attempt_at=now)
             .execution_options(synchronize_session=False)
-        ).rowcount or 0
+        ).rowcount
+        or 0
+    )
+    if revive_dead:
+        touched += (
+            session.execute(
+                update(ForwardJob)
+                .where(ForwardJob.state == ForwardState.dead, *where)
+                .values(state=ForwardState.pending, attempts=0, next_attempt_at=now)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            or 0
+        )
     return int(touched)
 
 

@@ -151,9 +151,9 @@ def _send_one(target: Target, assoc: Association, item: Item, message_id: int) -
         return Outcome(item.job_id, False, f"cannot send archived file {item.path}: {err}")
     if "Status" not in status:
         return Outcome(
-            item.job_id, False,
-            f"no C-STORE response from {target} (connection lost, aborted or timed out after "
-            f"{assoc.dimse_timeout} s)",
+            item.job_id,
+            False,
+            f"no C-STORE response from {target} (connection lost, aborted or timed out after {assoc.dimse_timeout} s)",
         )
     code = int(status.Status)
     category = code_to_category(code)

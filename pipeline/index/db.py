@@ -29,7 +29,8 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _READONLY = "radtriage_readonly"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _SYNCHRONOUS = {"FULL": "FULL", "NORMAL": "NORMAL", "EXTRA": "EXTRA"}.get(
-    os.environ.get("RADTRIAGE_SQLITE_SYNCHRONOUS", "NORMAL").upper(), "NORMAL")
+    os.environ.get("RADTRIAGE_SQLITE_SYNCHRONOUS", "NORMAL").upper(), "NORMAL"
+)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

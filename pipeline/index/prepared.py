@@ -74,7 +74,8 @@ class Prepared:
             cursor.execute(prepared.sql, params)
             return list(cursor.fetchall()) if cursor.description else []
         except conn.dialect.loaded_dbapi.Error as err:
-            raise DBAPIError.instance(prepared.sql, params, err, conn.dialect.loaded_dbapi.Error,
-                                      dialect=conn.dialect) from err
+            raise DBAPIError.instance(
+                prepared.sql, params, err, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
+            ) from err
         finally:
             cursor.close()

@@ -95,8 +95,15 @@ class SeriesOrigin(str, enum.Enum):
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
     # Plain VARCHAR + CHECK on every backend: adding a state later is a small migration.
-    return Enum(cls, name=name, native_enum=False, create_constraint=True, length=16,
-                values_callable=lambda e: [m.value for m in e], validate_strings=True)
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
 
 
 class Patient(Base):

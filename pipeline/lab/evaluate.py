@@ -75,12 +75,16 @@ class Evaluation:
             "dice_median": round(float(np.median(dice)), 3) if dice else None,
             "volume_error_ml_mean": round(float(np.mean(errors)), 2) if errors else None,
             "volume_abs_error_ml_median": round(float(np.median(np.abs(errors))), 2) if errors else None,
-            "volume_relative_error_median": round(float(np.median(
-                [abs(o.predicted_ml - o.truth_ml) / o.truth_ml for o in positives if o.truth_ml > 0])), 3)
-            if positives else None,
+            "volume_relative_error_median": round(
+                float(np.median([abs(o.predicted_ml - o.truth_ml) / o.truth_ml for o in positives if o.truth_ml > 0])),
+                3,
+            )
+            if positives
+            else None,
             "sensitivity_by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())},
             "seconds_per_study_median": round(float(np.median([o.seconds for o in self.outcomes])), 2)
-            if self.outcomes else None,
+            if self.outcomes
+            else None,
         }
 
     def to_dict(self) -> dict[str, object]:

@@ -20,7 +20,9 @@ def inject_parameters(notebook: Any, parameters: dict[str, Any]) -> None:
 
     source = "# injected parameters\n" + "".join(f"{k} = {v!r}\n" for k, v in parameters.items())
     cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
-    index = next((i for i, c in enumerate(notebook.cells) if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    index = next(
+        (i for i, c in enumerate(notebook.cells) if "parameters" in c.get("metadata", {}).get("tags", [])), None
+    )
     if index is None:
         raise ValueError("the notebook has no cell tagged 'parameters'")
     notebook.cells.insert(index + 1, cell)
@@ -48,8 +50,9 @@ def execute_notebook(
     notebook = nbformat.read(path, as_version=4)
     if parameters:
         inject_parameters(notebook, parameters)
-    client = NotebookClient(notebook, timeout=timeout, kernel_name=kernel_name,
-                            resources={"metadata": {"path": str(path.parent.resolve())}})
+    client = NotebookClient(
+        notebook, timeout=timeout, kernel_name=kernel_name, resources={"metadata": {"path": str(path.parent.resolve())}}
+    )
     try:
         client.execute()
     finally:

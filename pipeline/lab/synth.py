@@ -23,14 +23,33 @@ VolumeGenerator = Callable[[tuple[int, int, int], tuple[float, float, float], np
 """``(shape_zyx, spacing_zyx_mm, rng) -> volume in HU`` (float or int array of that shape)."""
 
 RESCALE_INTERCEPT = -1024.0
-_FAMILY = ["Garcia", "Novak", "Schmidt", "Rossi", "Dubois", "Nielsen", "Kowalski", "Silva", "Jansen",
-           "Moreau", "Fischer", "Hansen", "Costa", "Weber", "Lopez", "Meyer", "Bianchi", "Keller"]
+_FAMILY = [
+    "Garcia",
+    "Novak",
+    "Schmidt",
+    "Rossi",
+    "Dubois",
+    "Nielsen",
+    "Kowalski",
+    "Silva",
+    "Jansen",
+    "Moreau",
+    "Fischer",
+    "Hansen",
+    "Costa",
+    "Weber",
+    "Lopez",
+    "Meyer",
+    "Bianchi",
+    "Keller",
+]
 _GIVEN_F = ["Anna", "Maria", "Elena", "Sofia", "Clara", "Ines", "Lena", "Marta", "Eva", "Julia"]
 _GIVEN_M = ["Jan", "Luca", "Pierre", "Tomas", "Erik", "Paulo", "Max", "Piotr", "Hugo", "Karl"]
 
 
-def head_phantom(shape: tuple[int, int, int], spacing: tuple[float, float, float],
-                 rng: np.random.Generator) -> np.ndarray:
+def head_phantom(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], rng: np.random.Generator
+) -> np.ndarray:
     """A simple axial head: air, scalp, skull ellipse, brain, two lateral ventricles."""
     nz, ny, nx = shape
     sz, sy, sx = spacing
@@ -46,7 +65,7 @@ def head_phantom(shape: tuple[int, int, int], spacing: tuple[float, float, float
         return ((x - dx) / a) ** 2 + ((y - dy) / b) ** 2 + (z / c) ** 2 <= 1.0
 
     vol = np.full(shape, -1000.0, dtype=np.float32)
-    vol[np.broadcast_to(inside(ax, ay, az), shape)] = 40.0          # scalp / soft tissue
+    vol[np.broadcast_to(inside(ax, ay, az), shape)] = 40.0  # scalp / soft tissue
     vol[np.broadcast_to(inside(ax - 3 * k, ay - 3 * k, az), shape)] = 1200.0  # skull
     vol[np.broadcast_to(inside(ax - 10 * k, ay - 10 * k, az), shape)] = 32.0  # brain
     for side in (-1, 1):  # lateral ventricles (CSF)

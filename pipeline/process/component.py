@@ -55,8 +55,14 @@ class PollLoop:
 
     def round_failed(self, err: Exception) -> None:
         """Log a failed round (override to log less, e.g. an expected outage)."""
-        log.error("%s round failed (%s: %s); retrying in %g s", self.name, type(err).__name__, err,
-                  self.interval, exc_info=err)
+        log.error(
+            "%s round failed (%s: %s); retrying in %g s",
+            self.name,
+            type(err).__name__,
+            err,
+            self.interval,
+            exc_info=err,
+        )
 
     @property
     def running(self) -> bool:

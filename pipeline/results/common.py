@@ -73,8 +73,11 @@ def ordered_sources(source_images: Sequence[Dataset], result: ModelResult) -> li
         )
     shape = (len(ordered), int(ordered[0].Rows), int(ordered[0].Columns))
     for finding in result.findings:
-        values = {"probability": finding.probability, "volume_ml": finding.volume_ml,
-                  "max_diameter_mm": finding.max_diameter_mm}
+        values = {
+            "probability": finding.probability,
+            "volume_ml": finding.volume_ml,
+            "max_diameter_mm": finding.max_diameter_mm,
+        }
         bad = {k: v for k, v in values.items() if not math.isfinite(v) or v < 0}
         if bad or finding.probability > 1:
             raise PermanentError(

@@ -117,7 +117,9 @@ def build_seg(
         )
     labels = [f.label for f in result.findings]
     if len(set(labels)) != len(labels):
-        raise PermanentError(f"model {result.model.name} returned duplicate finding labels {labels}: labels must be unique")
+        raise PermanentError(
+            f"model {result.model.name} returned duplicate finding labels {labels}: labels must be unique"
+        )
 
     algorithm = algorithm_identification(result.model, settings)
     descriptions = []

@@ -182,8 +182,10 @@ def build_sr(
         )
         for number, finding in enumerate(result.findings, start=1)
     ]
-    procedure = coded(procedure_reported) if procedure_reported else _PROCEDURES.get(
-        str(sources[0].get("Modality", "")), _IMAGING_PROCEDURE
+    procedure = (
+        coded(procedure_reported)
+        if procedure_reported
+        else _PROCEDURES.get(str(sources[0].get("Modality", "")), _IMAGING_PROCEDURE)
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),

@@ -119,8 +119,11 @@ class Dispatcher(PollLoop):
             assert study is not None
             session.add(
                 TriageRun(
-                    study_id=study.id, revision=revision, flow_run_id=str(flow_run.id),
-                    last_received_at=study.last_received_at, stable_at=study.state_changed_at,
+                    study_id=study.id,
+                    revision=revision,
+                    flow_run_id=str(flow_run.id),
+                    last_received_at=study.last_received_at,
+                    stable_at=study.state_changed_at,
                 )
             )
             # A late instance may have arrived meanwhile: then the study stays received and
@@ -171,12 +174,18 @@ def recover_interrupted(session_factory: sessionmaker[Session], *, running_is_st
                 age = (now - state.timestamp).total_seconds()
                 if running_is_stale_after is None or age < running_is_stale_after:
                     continue
-                client.set_flow_run_state(flow_run_id, Crashed(message="radtriage restarted while this run was running"), force=True)
+                client.set_flow_run_state(
+                    flow_run_id, Crashed(message="radtriage restarted while this run was running"), force=True
+                )
             with session_scope(session_factory) as session:
                 study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
                 if study is not None and study.state == StudyState.dispatched:
                     study.set_state(StudyState.stable)
                     recovered.append(study_uid)
-            log.warning("study %s: flow run %s ended %s without results; dispatching it again", study_uid,
-                        flow_run_id, state.type.value if state is not None else "unknown")
+            log.warning(
+                "study %s: flow run %s ended %s without results; dispatching it again",
+                study_uid,
+                flow_run_id,
+                state.type.value if state is not None else "unknown",
+            )
     return recovered

@@ -126,7 +126,9 @@ class LocalPrefectServer:
                 return self.api_url
             time.sleep(0.3)
         self.stop()
-        raise RadtriageError(f"the embedded Prefect server did not start within {timeout:.0f} s; see {self.home / 'server.log'}")
+        raise RadtriageError(
+            f"the embedded Prefect server did not start within {timeout:.0f} s; see {self.home / 'server.log'}"
+        )
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout``)."""

@@ -22,8 +22,9 @@ from pipeline.process.component import PollLoop
 log = logging.getLogger(__name__)
 
 
-def sweep_once(session_factory: sessionmaker[Session] | Engine, stable_age_seconds: float,
-               now: datetime | None = None) -> list[str]:
+def sweep_once(
+    session_factory: sessionmaker[Session] | Engine, stable_age_seconds: float, now: datetime | None = None
+) -> list[str]:
     """Mark quiet studies stable; return their StudyInstanceUIDs.
 
     Parameters
@@ -40,16 +41,24 @@ def sweep_once(session_factory: sessionmaker[Session] | Engine, stable_age_secon
     quiet = (Study.state == StudyState.received) & (Study.last_received_at <= cutoff)
     with session_scope(session_factory) as session:
         rows = session.execute(
-            select(Study.id, Study.StudyInstanceUID).where(quiet).with_for_update(skip_locked=True)).all()
+            select(Study.id, Study.StudyInstanceUID).where(quiet).with_for_update(skip_locked=True)
+        ).all()
         if not rows:
             return []
         # The condition is repeated so an instance arriving meanwhile keeps its study received.
-        session.execute(update(Study).where(Study.id.in_([r.id for r in rows]), quiet)
-                        .values(state=StudyState.stable, state_changed_at=now)
-                        .execution_options(synchronize_session=False))
-        changed = list(session.execute(select(Study.StudyInstanceUID).where(
-            Study.id.in_([r.id for r in rows]), Study.state == StudyState.stable,
-            Study.state_changed_at == now)).scalars())
+        session.execute(
+            update(Study)
+            .where(Study.id.in_([r.id for r in rows]), quiet)
+            .values(state=StudyState.stable, state_changed_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        changed = list(
+            session.execute(
+                select(Study.StudyInstanceUID).where(
+                    Study.id.in_([r.id for r in rows]), Study.state == StudyState.stable, Study.state_changed_at == now
+                )
+            ).scalars()
+        )
     for uid in changed:
         log.info("study %s is stable (quiet for %gs)", uid, stable_age_seconds)
     return changed
@@ -65,8 +74,14 @@ class StabilitySweeper(PollLoop):
     name = "stability sweep"
     thread_name = "stability-sweep"
 
-    def __init__(self, session_factory: sessionmaker[Session] | Engine, stable_age_seconds: float,
-                 interval_seconds: float, *, on_stable: Callable[[list[str]], None] | None = None) -> None:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session] | Engine,
+        stable_age_seconds: float,
+        interval_seconds: float,
+        *,
+        on_stable: Callable[[list[str]], None] | None = None,
+    ) -> None:
         super().__init__(interval_seconds)
         self.session_factory = session_factory
         self.stable_age_seconds = stable_age_seconds

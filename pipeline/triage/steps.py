@@ -58,7 +58,9 @@ def begin_run(rt: Runtime, study_uid: str, revision: int, flow_run_id: str = "")
         run = session.scalar(select(TriageRun).where(TriageRun.study_id == study.id, TriageRun.revision == revision))
         now = utcnow()
         if run is None:  # started by hand (radtriage analyze --flow, tests): record it anyway
-            run = TriageRun(study_id=study.id, revision=revision, last_received_at=study.last_received_at, dispatched_at=now)
+            run = TriageRun(
+                study_id=study.id, revision=revision, last_received_at=study.last_received_at, dispatched_at=now
+            )
             session.add(run)
         run.status = RunStatus.running
         run.started_at = now
@@ -99,7 +101,9 @@ def plan_models(rt: Runtime, study_uid: str) -> list[PlannedModel]:
     return planned
 
 
-def run_inference(rt: Runtime, study_uid: str, revision: int, model_name: str, series_uid: str) -> tuple[Path, dict[str, float]]:
+def run_inference(
+    rt: Runtime, study_uid: str, revision: int, model_name: str, series_uid: str
+) -> tuple[Path, dict[str, float]]:
     """Load the series as a volume, run the model, and save the result next to the archive.
 
     Returns the result file and the seconds spent loading and inferring.
@@ -140,8 +144,12 @@ def store_results(rt: Runtime, study_uid: str, revision: int, result_path: Path)
         pydicom.dcmread(rt.archive.path_of(uid), stop_before_pixels=True) for uid in result.source_sop_instance_uids
     ]
     uids = result_uids(study_uid, result.model.name, result.model.version, revision)
-    seg = build_seg(sources, result, rt.settings.results, series_instance_uid=uids.seg_series, sop_instance_uid=uids.seg_sop)
-    sr = build_sr(sources, seg, result, rt.settings.results, series_instance_uid=uids.sr_series, sop_instance_uid=uids.sr_sop)
+    seg = build_seg(
+        sources, result, rt.settings.results, series_instance_uid=uids.seg_series, sop_instance_uid=uids.seg_sop
+    )
+    sr = build_sr(
+        sources, seg, result, rt.settings.results, series_instance_uid=uids.sr_series, sop_instance_uid=uids.sr_sop
+    )
     t1 = time.perf_counter()
     rt.archive.store_dataset(seg, derived=True)
     rt.archive.store_dataset(sr, derived=True)
@@ -156,8 +164,13 @@ def store_results(rt: Runtime, study_uid: str, revision: int, result_path: Path)
         row.priority = result.priority.value
         row.findings = [
             AIFinding(
-                label=f.label, present=f.present, probability=f.probability, volume_ml=f.volume_ml,
-                max_diameter_mm=f.max_diameter_mm, priority=Priority(f.priority).value, segment_number=i + 1,
+                label=f.label,
+                present=f.present,
+                probability=f.probability,
+                volume_ml=f.volume_ml,
+                max_diameter_mm=f.max_diameter_mm,
+                priority=Priority(f.priority).value,
+                segment_number=i + 1,
                 key_sop_instance_uid=_key_image(result.source_sop_instance_uids, f.mask),
             )
             for i, f in enumerate(result.findings)
@@ -169,7 +182,9 @@ def store_results(rt: Runtime, study_uid: str, revision: int, result_path: Path)
     if destinations and rt.on_results_stored is not None:
         rt.on_results_stored()
     return {
-        "seg": uids.seg_sop, "sr": uids.sr_sop, "priority": result.priority.value,
+        "seg": uids.seg_sop,
+        "sr": uids.sr_sop,
+        "priority": result.priority.value,
         "timings": {"writing": t1 - t0, "storing": t2 - t1},
     }
 
@@ -178,8 +193,10 @@ def _result_row(session, study: Study, revision: int, model_name: str, model_ver
     """The result row of one model on one study revision, created when missing (idempotent)."""
     row = session.scalar(
         select(AIResult).where(
-            AIResult.study_id == study.id, AIResult.revision == revision,
-            AIResult.model_name == model_name, AIResult.model_version == model_version,
+            AIResult.study_id == study.id,
+            AIResult.revision == revision,
+            AIResult.model_name == model_name,
+            AIResult.model_version == model_version,
         )
     )
     if row is None:
@@ -203,7 +220,9 @@ def record_failure(rt: Runtime, study_uid: str, revision: int, model_name: str, 
         row.ok, row.error = False, error[:2000]
 
 
-def finish_run(rt: Runtime, study_uid: str, revision: int, timings: dict[str, float] | None = None) -> dict[str, object]:
+def finish_run(
+    rt: Runtime, study_uid: str, revision: int, timings: dict[str, float] | None = None
+) -> dict[str, object]:
     """Supersede older results, set the worklist priority and status, close the run.
 
     The study moves to ``analysed`` (or ``failed``) only if it is still the dispatched

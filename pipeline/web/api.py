@@ -39,8 +39,15 @@ def health(request: Request) -> JSONResponse:
 
 
 @router.get("/api/worklist")
-def api_worklist(request: Request, status: str = "", priority: str = "", modality: str = "", q: str = "",
-                 read: str = "", limit: int = 1000) -> JSONResponse:
+def api_worklist(
+    request: Request,
+    status: str = "",
+    priority: str = "",
+    modality: str = "",
+    q: str = "",
+    read: str = "",
+    limit: int = 1000,
+) -> JSONResponse:
     """The worklist, most urgent first: ``{"generated_at", "count", "studies": [...]}``.
 
     Filters: ``status`` (pending|running|done|failed), ``priority``
@@ -54,14 +61,22 @@ def api_worklist(request: Request, status: str = "", priority: str = "", modalit
     if read not in ("", "true", "false"):
         return _error(400, "read must be true or false")
     with session_scope(_ctx(request).session_factory, readonly=True) as session:
-        items = list_worklist(session, status=status or None, priority=priority or None, modality=modality or None,
-                              search=q or None, read={"true": True, "false": False}.get(read),
-                              limit=max(1, min(limit, 10_000)))
-    return JSONResponse({
-        "generated_at": datetime.now(UTC).isoformat(),
-        "count": len(items),
-        "studies": [item.to_json() for item in items],
-    })
+        items = list_worklist(
+            session,
+            status=status or None,
+            priority=priority or None,
+            modality=modality or None,
+            search=q or None,
+            read={"true": True, "false": False}.get(read),
+            limit=max(1, min(limit, 10_000)),
+        )
+    return JSONResponse(
+        {
+            "generated_at": datetime.now(UTC).isoformat(),
+            "count": len(items),
+            "studies": [item.to_json() for item in items],
+        }
+    )
 
 
 @router.get("/api/studies/{study_uid}")
@@ -117,7 +132,17 @@ def api_audit(request: Request, limit: int = 200, username: str = "", study: str
         query = query.where(AuditEvent.StudyInstanceUID == study)
     with session_scope(_ctx(request).session_factory, readonly=True) as session:
         rows = session.scalars(query).all()
-        events = [{"at": e.at.isoformat(), "username": e.username, "remote_addr": e.remote_addr, "method": e.method,
-                   "path": e.path, "status_code": e.status_code, "action": e.action,
-                   "StudyInstanceUID": e.StudyInstanceUID} for e in rows]
+        events = [
+            {
+                "at": e.at.isoformat(),
+                "username": e.username,
+                "remote_addr": e.remote_addr,
+                "method": e.method,
+                "path": e.path,
+                "status_code": e.status_code,
+                "action": e.action,
+                "StudyInstanceUID": e.StudyInstanceUID,
+            }
+            for e in rows
+        ]
     return JSONResponse({"count": len(events), "events": events})

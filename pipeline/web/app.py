@@ -87,14 +87,18 @@ def _authenticate(ctx: WebContext, request: Request) -> tuple[AuthUser | None, R
             except LockedOut as err:
                 request.state.audit_user = name
                 request.state.audit_action = "login locked out"
-                return None, JSONResponse({"detail": str(err)}, status_code=429,
-                                          headers={"Retry-After": str(int(err.retry_after) + 1)})
+                return None, JSONResponse(
+                    {"detail": str(err)}, status_code=429, headers={"Retry-After": str(int(err.retry_after) + 1)}
+                )
             if user is not None:
                 return user, None
             request.state.audit_user = name
             request.state.audit_action = "login failed"
-        return None, JSONResponse({"detail": "login required: log in or use HTTP Basic"}, status_code=401,
-                                  headers={"WWW-Authenticate": 'Basic realm="radtriage", charset="UTF-8"'})
+        return None, JSONResponse(
+            {"detail": "login required: log in or use HTTP Basic"},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Basic realm="radtriage", charset="UTF-8"'},
+        )
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return None, RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
 
@@ -143,9 +147,14 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], archi
             user, refusal = await run_in_threadpool(_authenticate, ctx, request)
             if refusal is not None:
                 await run_in_threadpool(
-                    ctx.audit, username=getattr(request.state, "audit_user", ""), remote_addr=_client(request),
-                    method=request.method, path=path, status_code=refusal.status_code,
-                    action=getattr(request.state, "audit_action", "refused: no login"))
+                    ctx.audit,
+                    username=getattr(request.state, "audit_user", ""),
+                    remote_addr=_client(request),
+                    method=request.method,
+                    path=path,
+                    status_code=refusal.status_code,
+                    action=getattr(request.state, "audit_action", "refused: no login"),
+                )
                 return refusal
             request.state.user = user
         response: Response = await call_next(request)
@@ -157,10 +166,15 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], archi
         if not quiet:
             user = request.state.user
             await run_in_threadpool(
-                ctx.audit, username=user.username if user else getattr(request.state, "audit_user", ""),
-                remote_addr=_client(request), method=request.method,
-                path=path + (f"?{request.url.query}" if request.url.query else ""), status_code=response.status_code,
-                action=getattr(request.state, "audit_action", ""), study_uid=getattr(request.state, "audit_study", ""))
+                ctx.audit,
+                username=user.username if user else getattr(request.state, "audit_user", ""),
+                remote_addr=_client(request),
+                method=request.method,
+                path=path + (f"?{request.url.query}" if request.url.query else ""),
+                status_code=response.status_code,
+                action=getattr(request.state, "audit_action", ""),
+                study_uid=getattr(request.state, "audit_study", ""),
+            )
         return response
 
     return app

@@ -116,12 +116,16 @@ class Authenticator:
         """Raise :class:`LockedOut` when the name or the address has too many recent failures."""
         now = utcnow()
         since = now - self.window
-        limits = ((LoginFailure.username, username, self.max_failures),
-                  (LoginFailure.remote_addr, remote_addr, self.max_failures * ADDRESS_FACTOR))
+        limits = (
+            (LoginFailure.username, username, self.max_failures),
+            (LoginFailure.remote_addr, remote_addr, self.max_failures * ADDRESS_FACTOR),
+        )
         for column, value, limit in limits:
             recent = session.scalars(
-                select(LoginFailure.at).where(column == value, LoginFailure.at > since)
-                .order_by(LoginFailure.at.desc()).limit(limit)
+                select(LoginFailure.at)
+                .where(column == value, LoginFailure.at > since)
+                .order_by(LoginFailure.at.desc())
+                .limit(limit)
             ).all()
             if len(recent) >= limit:
                 # Refused until the limit-th most recent failure leaves the window.
@@ -160,8 +164,16 @@ class Authenticator:
         """Start a login session; returns the token for the cookie."""
         token = secrets.token_urlsafe(32)
         now = utcnow()
-        session.add(WebSession(token_sha256=_digest(token), user_id=user.id, created_at=now, last_seen_at=now,
-                               expires_at=now + SESSION_LIFETIME, remote_addr=remote_addr[:64]))
+        session.add(
+            WebSession(
+                token_sha256=_digest(token),
+                user_id=user.id,
+                created_at=now,
+                last_seen_at=now,
+                expires_at=now + SESSION_LIFETIME,
+                remote_addr=remote_addr[:64],
+            )
+        )
         # Housekeeping: forget sessions that ended long ago.
         session.execute(delete(WebSession).where(WebSession.expires_at < now - SESSION_LIFETIME))
         return token

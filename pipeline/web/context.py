@@ -37,14 +37,33 @@ class WebContext:
     renderer: SliceRenderer
     templates: Jinja2Templates
 
-    def audit(self, *, username: str, remote_addr: str, method: str, path: str, status_code: int,
-              action: str = "", study_uid: str = "", detail: str = "") -> None:
+    def audit(
+        self,
+        *,
+        username: str,
+        remote_addr: str,
+        method: str,
+        path: str,
+        status_code: int,
+        action: str = "",
+        study_uid: str = "",
+        detail: str = "",
+    ) -> None:
         """Append one access to the audit log (a failure to write it is logged, never hidden)."""
         try:
             with session_scope(self.session_factory) as session:
-                session.add(AuditEvent(username=username[:64], remote_addr=remote_addr[:64], method=method[:8],
-                                       path=path[:512], status_code=status_code, action=action[:64],
-                                       StudyInstanceUID=study_uid[:64], detail=detail))
+                session.add(
+                    AuditEvent(
+                        username=username[:64],
+                        remote_addr=remote_addr[:64],
+                        method=method[:8],
+                        path=path[:512],
+                        status_code=status_code,
+                        action=action[:64],
+                        StudyInstanceUID=study_uid[:64],
+                        detail=detail,
+                    )
+                )
         except Exception:
             log.exception("could not write audit record %s %s %s by %s", method, path, status_code, username)
 
@@ -52,7 +71,8 @@ class WebContext:
 def study_instance(session: Session, study_uid: str, sop_instance_uid: str) -> tuple[str, str] | None:
     """``(SeriesInstanceUID, Modality)`` of the instance when it belongs to the study, else ``None``."""
     row = session.execute(
-        select(Series.SeriesInstanceUID, Series.Modality).join(Instance, Instance.series_id == Series.id)
+        select(Series.SeriesInstanceUID, Series.Modality)
+        .join(Instance, Instance.series_id == Series.id)
         .join(Study, Series.study_id == Study.id)
         .where(Study.StudyInstanceUID == study_uid, Instance.SOPInstanceUID == sop_instance_uid)
     ).first()
@@ -61,17 +81,23 @@ def study_instance(session: Session, study_uid: str, sop_instance_uid: str) -> t
 
 def series_slices(session: Session, series_uid: str) -> list[str]:
     """SOP Instance UIDs of a series in InstanceNumber order."""
-    return list(session.scalars(
-        select(Instance.SOPInstanceUID).join(Series, Instance.series_id == Series.id)
-        .where(Series.SeriesInstanceUID == series_uid)
-        .order_by(Instance.InstanceNumber, Instance.SOPInstanceUID)
-    ))
+    return list(
+        session.scalars(
+            select(Instance.SOPInstanceUID)
+            .join(Series, Instance.series_id == Series.id)
+            .where(Series.SeriesInstanceUID == series_uid)
+            .order_by(Instance.InstanceNumber, Instance.SOPInstanceUID)
+        )
+    )
 
 
 def received_series(session: Session, study_uid: str) -> list[Series]:
     """The study's received (not derived) series, largest first."""
-    return list(session.scalars(
-        select(Series).join(Study, Series.study_id == Study.id)
-        .where(Study.StudyInstanceUID == study_uid, Series.origin == SeriesOrigin.received)
-        .order_by(Series.NumberOfSeriesRelatedInstances.desc(), Series.SeriesNumber)
-    ))
+    return list(
+        session.scalars(
+            select(Series)
+            .join(Study, Series.study_id == Study.id)
+            .where(Study.StudyInstanceUID == study_uid, Series.origin == SeriesOrigin.received)
+            .order_by(Series.NumberOfSeriesRelatedInstances.desc(), Series.SeriesNumber)
+        )
+    )

@@ -102,8 +102,9 @@ def window_to_grey(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
     return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
-def draw_overlay(rgb: np.ndarray, masks: list[tuple[int, np.ndarray]], colours: dict[int, tuple[int, int, int]],
-                 mode: str) -> np.ndarray:
+def draw_overlay(
+    rgb: np.ndarray, masks: list[tuple[int, np.ndarray]], colours: dict[int, tuple[int, int, int]], mode: str
+) -> np.ndarray:
     """Draw each segment mask on ``rgb`` (rows, columns, 3) as fill + outline, or outline only."""
     if mode == "none" or not masks:
         return rgb

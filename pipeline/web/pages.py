@@ -35,8 +35,12 @@ def _user(request: Request) -> AuthUser:
 
 def _safe_next(target: str | None) -> str:
     # Only local paths: never redirect a login to another site.
-    if (target and target.startswith("/") and not target.startswith("//")
-            and all(c.isprintable() and not c.isspace() and c != "\\" for c in target)):
+    if (
+        target
+        and target.startswith("/")
+        and not target.startswith("//")
+        and all(c.isprintable() and not c.isspace() and c != "\\" for c in target)
+    ):
         return target
     return "/worklist"
 
@@ -60,31 +64,58 @@ def login_form(request: Request, next: str = "/worklist") -> HTMLResponse:
 
 
 @router.post("/login")
-def login(request: Request, username: str = Form(""), password: str = Form(""), next: str = Form("/worklist")) -> Response:
+def login(
+    request: Request, username: str = Form(""), password: str = Form(""), next: str = Form("/worklist")
+) -> Response:
     ctx = _ctx(request)
     remote = request.client.host if request.client else ""
     request.state.audit_user = username
     if not username.strip() or not password:
-        return _render(request, "login.html", status_code=400, next=_safe_next(next), username=username,
-                       error="Enter your user name and password.")
+        return _render(
+            request,
+            "login.html",
+            status_code=400,
+            next=_safe_next(next),
+            username=username,
+            error="Enter your user name and password.",
+        )
     try:
         with session_scope(ctx.session_factory) as session:
             user = ctx.authenticator.verify(session, username, password, remote)
             token = ctx.authenticator.open_session(session, user, remote) if user is not None else ""
     except LockedOut as err:
         request.state.audit_action = "login locked out"
-        response = _render(request, "login.html", status_code=429, next=_safe_next(next), username=username,
-                           error=f"Too many failed logins. {str(err).capitalize()}.")
+        response = _render(
+            request,
+            "login.html",
+            status_code=429,
+            next=_safe_next(next),
+            username=username,
+            error=f"Too many failed logins. {str(err).capitalize()}.",
+        )
         response.headers["Retry-After"] = str(int(err.retry_after) + 1)
         return response
     if user is None:
         request.state.audit_action = "login failed"
-        return _render(request, "login.html", status_code=401, next=_safe_next(next), username=username,
-                       error="Wrong user name or password.")
+        return _render(
+            request,
+            "login.html",
+            status_code=401,
+            next=_safe_next(next),
+            username=username,
+            error="Wrong user name or password.",
+        )
     request.state.audit_action = "login"
     response = RedirectResponse(_safe_next(next), status_code=303)
-    response.set_cookie(SESSION_COOKIE, token, max_age=int(SESSION_LIFETIME.total_seconds()), httponly=True,
-                        samesite="strict", secure=request.url.scheme == "https", path="/")
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        max_age=int(SESSION_LIFETIME.total_seconds()),
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
     return response
 
 
@@ -113,20 +144,38 @@ def _filters(status: str, priority: str, modality: str, q: str) -> dict[str, str
 
 def _worklist_items(ctx: WebContext, filters: dict[str, str]) -> list[Any]:
     with session_scope(ctx.session_factory, readonly=True) as session:
-        return list_worklist(session, status=filters["status"] or None, priority=filters["priority"] or None,
-                             modality=filters["modality"] or None, search=filters["q"] or None)
+        return list_worklist(
+            session,
+            status=filters["status"] or None,
+            priority=filters["priority"] or None,
+            modality=filters["modality"] or None,
+            search=filters["q"] or None,
+        )
 
 
 @router.get("/worklist", response_class=HTMLResponse)
-def worklist_page(request: Request, status: str = "", priority: str = "", modality: str = "", q: str = "") -> HTMLResponse:
+def worklist_page(
+    request: Request, status: str = "", priority: str = "", modality: str = "", q: str = ""
+) -> HTMLResponse:
     ctx = _ctx(request)
     filters = _filters(status, priority, modality, q)
     items = _worklist_items(ctx, filters)
     with session_scope(ctx.session_factory, readonly=True) as session:
-        modalities = sorted(m for m in session.scalars(
-            select(Series.Modality).where(Series.origin == SeriesOrigin.received).distinct()) if m)
-    return _render(request, "worklist.html", items=items, filters=filters, modalities=modalities,
-                   statuses=[s.value for s in AIStatus], priorities=PRIORITIES, poll_seconds=POLL_SECONDS)
+        modalities = sorted(
+            m
+            for m in session.scalars(select(Series.Modality).where(Series.origin == SeriesOrigin.received).distinct())
+            if m
+        )
+    return _render(
+        request,
+        "worklist.html",
+        items=items,
+        filters=filters,
+        modalities=modalities,
+        statuses=[s.value for s in AIStatus],
+        priorities=PRIORITIES,
+        poll_seconds=POLL_SECONDS,
+    )
 
 
 @router.get("/worklist/rows")
@@ -149,8 +198,13 @@ def study_page(request: Request, study_uid: str, window: str = "", overlay: str 
         try:
             item = get_worklist_item(session, study_uid)
         except StudyNotFound:
-            return _render(request, "message.html", status_code=404, title="Study not found",
-                           message=f"No study {study_uid} is in the archive.")
+            return _render(
+                request,
+                "message.html",
+                status_code=404,
+                title="Study not found",
+                message=f"No study {study_uid} is in the archive.",
+            )
         received = received_series(session, study_uid)
         key = item.key_finding
         series_uid = key.SourceSeriesInstanceUID if key else ""
@@ -159,8 +213,9 @@ def study_page(request: Request, study_uid: str, window: str = "", overlay: str 
         if not series_uid and received:
             series_uid = received[0].SeriesInstanceUID
         slices = series_slices(session, series_uid) if series_uid else []
-        head_window = default_window([s.BodyPartExamined for s in received],
-                                     [item.StudyDescription] + [s.SeriesDescription for s in received])
+        head_window = default_window(
+            [s.BodyPartExamined for s in received], [item.StudyDescription] + [s.SeriesDescription for s in received]
+        )
     if key is not None and key.key_sop_instance_uid in slices:
         key_index = slices.index(key.key_sop_instance_uid)
     else:
@@ -169,22 +224,41 @@ def study_page(request: Request, study_uid: str, window: str = "", overlay: str 
         window = head_window
     if overlay not in OVERLAYS:
         overlay = "fill"
-    return _render(request, "study.html", item=item, slices=slices, key_index=key_index,
-                   window=window, windows=WINDOWS, overlay=overlay, overlays=OVERLAYS)
+    return _render(
+        request,
+        "study.html",
+        item=item,
+        slices=slices,
+        key_index=key_index,
+        window=window,
+        windows=WINDOWS,
+        overlay=overlay,
+        overlays=OVERLAYS,
+    )
 
 
 def _seg_uids(item: Any, series_uid: str) -> tuple[str, ...]:
-    return tuple(sorted({r.SegSOPInstanceUID for r in item.results
-                         if r.ok and r.SegSOPInstanceUID and r.SourceSeriesInstanceUID == series_uid}))
+    return tuple(
+        sorted(
+            {
+                r.SegSOPInstanceUID
+                for r in item.results
+                if r.ok and r.SegSOPInstanceUID and r.SourceSeriesInstanceUID == series_uid
+            }
+        )
+    )
 
 
 @router.get("/studies/{study_uid}/image/{sop_uid}.png")
-def slice_image(request: Request, study_uid: str, sop_uid: str, window: str = "soft", overlay: str = "fill") -> Response:
+def slice_image(
+    request: Request, study_uid: str, sop_uid: str, window: str = "soft", overlay: str = "fill"
+) -> Response:
     ctx = _ctx(request)
     request.state.audit_study = study_uid
     if window not in WINDOWS or overlay not in OVERLAYS:
-        return Response(f"window must be one of {', '.join(WINDOWS)}; overlay one of {', '.join(OVERLAYS)}",
-                        status_code=400)
+        return Response(
+            f"window must be one of {', '.join(WINDOWS)}; overlay one of {', '.join(OVERLAYS)}", status_code=400
+        )
     with session_scope(ctx.session_factory, readonly=True) as session:
         found = study_instance(session, study_uid, sop_uid)
         if found is None:
@@ -205,8 +279,11 @@ def download_object(request: Request, study_uid: str, sop_uid: str) -> Response:
     if found is None:
         return Response("no such object in this study", status_code=404)
     path = ctx.archive.path_of(sop_uid)
-    return Response(path.read_bytes(), media_type="application/dicom",
-                    headers={"Content-Disposition": f'attachment; filename="{found[1] or "obj"}_{sop_uid}.dcm"'})
+    return Response(
+        path.read_bytes(),
+        media_type="application/dicom",
+        headers={"Content-Disposition": f'attachment; filename="{found[1] or "obj"}_{sop_uid}.dcm"'},
+    )
 
 
 def _mark(request: Request, study_uid: str, csrf: str, next_url: str, read: bool) -> Response:

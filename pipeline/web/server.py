@@ -30,8 +30,15 @@ class WebServer:
 
     name = "web app"
 
-    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], archive: ArchiveFiles, *,
-                 host: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        archive: ArchiveFiles,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+    ) -> None:
         self.settings = settings
         self.session_factory = session_factory
         self.archive = archive
@@ -72,15 +79,19 @@ class WebServer:
             sock.listen(128)
         except OSError as err:
             sock.close()
-            raise ConfigError(f"web server could not listen on {self.host}:{self._port} ({err.strerror}); "
-                              "set [web] bind/port (or RADTRIAGE_WEB__PORT) to a free address") from None
+            raise ConfigError(
+                f"web server could not listen on {self.host}:{self._port} ({err.strerror}); "
+                "set [web] bind/port (or RADTRIAGE_WEB__PORT) to a free address"
+            ) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._socket = sock
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                                server_header=False, lifespan="off")
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, timeout_graceful_shutdown=5, server_header=False, lifespan="off"
+        )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name="radtriage-web", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="radtriage-web", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:

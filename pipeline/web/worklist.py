@@ -301,8 +301,14 @@ def _entry_for_update(session: Session, study_uid: str) -> WorklistEntry:
     entry = session.get(WorklistEntry, study.id)
     if entry is None:
         # The flow has not written one yet: create the row it will update (AI pending).
-        entry = WorklistEntry(study_id=study.id, ai_status=AIStatus.pending, priority=Priority.ROUTINE.value,
-                              priority_rank=Priority.ROUTINE.rank, summary="", updated_at=utcnow())
+        entry = WorklistEntry(
+            study_id=study.id,
+            ai_status=AIStatus.pending,
+            priority=Priority.ROUTINE.value,
+            priority_rank=Priority.ROUTINE.rank,
+            summary="",
+            updated_at=utcnow(),
+        )
         session.add(entry)
     return entry
 
@@ -315,7 +321,7 @@ def _current_results(session: Session, study_ids: Iterable[int]) -> dict[int, li
     ids = list(study_ids)
     found: dict[int, list[AIResult]] = {}
     for chunk_start in range(0, len(ids), 500):
-        chunk = ids[chunk_start:chunk_start + 500]
+        chunk = ids[chunk_start : chunk_start + 500]
         query = (
             select(AIResult)
             .where(AIResult.study_id.in_(chunk), AIResult.superseded.is_(False))
@@ -329,11 +335,18 @@ def _current_results(session: Session, study_ids: Iterable[int]) -> dict[int, li
 
 def _finding(result: AIResult, finding: AIFinding) -> FindingItem:
     return FindingItem(
-        model_name=result.model_name, model_version=result.model_version, label=finding.label,
-        present=bool(finding.present), probability=float(finding.probability), volume_ml=float(finding.volume_ml),
-        max_diameter_mm=float(finding.max_diameter_mm), priority=finding.priority,
-        segment_number=int(finding.segment_number), key_sop_instance_uid=finding.key_sop_instance_uid or "",
-        SegSOPInstanceUID=result.SegSOPInstanceUID or "", SourceSeriesInstanceUID=result.SourceSeriesInstanceUID or "",
+        model_name=result.model_name,
+        model_version=result.model_version,
+        label=finding.label,
+        present=bool(finding.present),
+        probability=float(finding.probability),
+        volume_ml=float(finding.volume_ml),
+        max_diameter_mm=float(finding.max_diameter_mm),
+        priority=finding.priority,
+        segment_number=int(finding.segment_number),
+        key_sop_instance_uid=finding.key_sop_instance_uid or "",
+        SegSOPInstanceUID=result.SegSOPInstanceUID or "",
+        SourceSeriesInstanceUID=result.SourceSeriesInstanceUID or "",
     )
 
 
@@ -363,10 +376,17 @@ def _item(study: Study, patient: Patient, entry: WorklistEntry | None, results: 
         time_to_triage_seconds=entry.time_to_triage_seconds if entry is not None else None,
         findings=findings,
         results=tuple(
-            ResultItem(model_name=r.model_name, model_version=r.model_version, ok=bool(r.ok), error=r.error or "",
-                       priority=r.priority, SourceSeriesInstanceUID=r.SourceSeriesInstanceUID or "",
-                       SegSOPInstanceUID=r.SegSOPInstanceUID or "", SRSOPInstanceUID=r.SRSOPInstanceUID or "",
-                       created_at=r.created_at)
+            ResultItem(
+                model_name=r.model_name,
+                model_version=r.model_version,
+                ok=bool(r.ok),
+                error=r.error or "",
+                priority=r.priority,
+                SourceSeriesInstanceUID=r.SourceSeriesInstanceUID or "",
+                SegSOPInstanceUID=r.SegSOPInstanceUID or "",
+                SRSOPInstanceUID=r.SRSOPInstanceUID or "",
+                created_at=r.created_at,
+            )
             for r in results
         ),
     )

@@ -59,11 +59,17 @@ def study_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return synth_study(tmp_path_factory.mktemp("study"), seed=11, slices=12, rows=128, cols=128)
 
 
-def storescu(port: int, *files: Path | str, aet: str = "STORESCU", aec: str = "RADTRIAGE",
-             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int, *files: Path | str, aet: str = "STORESCU", aec: str = "RADTRIAGE", extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     """dcmtk storescu with debug output (so each DIMSE status is visible); no halt on failure."""
-    return subprocess.run(["storescu", "-d", "-nh", "-aet", aet, "-aec", aec, *extra, HOST, str(port),
-                           *map(str, files)], env=ENV, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["storescu", "-d", "-nh", "-aet", aet, "-aec", aec, *extra, HOST, str(port), *map(str, files)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def statuses(result: subprocess.CompletedProcess[str]) -> list[int]:
@@ -72,8 +78,13 @@ def statuses(result: subprocess.CompletedProcess[str]) -> list[int]:
 
 
 def echoscu(port: int, aet: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["echoscu", "-aet", aet, "-aec", "RADTRIAGE", HOST, str(port)], env=ENV,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["echoscu", "-aet", aet, "-aec", "RADTRIAGE", HOST, str(port)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -93,7 +104,8 @@ def write_config(path: Path, data_dir: Path, *, index_url: str = "", allowed: st
         f'[index]\nurl = "{index_url}"\n'
         f'[web]\nbind = "{HOST}"\nport = 0\n'
         # The archive alone: these tests need neither Prefect nor models.
-        f'[triage]\nenabled = false\nstable_age_seconds = 3600\n')
+        f"[triage]\nenabled = false\nstable_age_seconds = 3600\n"
+    )
     return path
 
 

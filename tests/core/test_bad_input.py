@@ -56,16 +56,26 @@ def _edit(src: Path, dst: Path, **changes: object) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("keyword, value, reason", [
-    ("StudyInstanceUID", None, "StudyInstanceUID is missing"),
-    ("SeriesInstanceUID", None, "SeriesInstanceUID is missing"),
-    ("SeriesInstanceUID", "../../../../../tmp/radtriage-evil", "not a valid UID"),
-    ("StudyInstanceUID", "1.2.840.abc", "not a valid UID"),
-    ("StudyInstanceUID", "1.2.840.01.5", "not a valid UID"),  # leading zero in a component
-    ("SeriesInstanceUID", "1." + "2" * 70, "not a valid UID"),  # longer than 64
-])
-def test_missing_or_malformed_uid(keyword: str, value: str | None, reason: str, receiver: Receiver,
-                                  study_files: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "keyword, value, reason",
+    [
+        ("StudyInstanceUID", None, "StudyInstanceUID is missing"),
+        ("SeriesInstanceUID", None, "SeriesInstanceUID is missing"),
+        ("SeriesInstanceUID", "../../../../../tmp/radtriage-evil", "not a valid UID"),
+        ("StudyInstanceUID", "1.2.840.abc", "not a valid UID"),
+        ("StudyInstanceUID", "1.2.840.01.5", "not a valid UID"),  # leading zero in a component
+        ("SeriesInstanceUID", "1." + "2" * 70, "not a valid UID"),  # longer than 64
+    ],
+)
+def test_missing_or_malformed_uid(
+    keyword: str,
+    value: str | None,
+    reason: str,
+    receiver: Receiver,
+    study_files: list[Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     bad = _edit(study_files[0], tmp_path / "bad.dcm", **{keyword: value})
     with caplog.at_level(logging.WARNING, logger="pipeline.dicom.receiver"):
         result = storescu(receiver.port, bad)
@@ -102,8 +112,9 @@ def _with_body(src: Path, dst: Path, body: bytes) -> Path:
     return dst
 
 
-def test_sop_class_mismatch(receiver: Receiver, study_files: list[Path], tmp_path: Path,
-                            caplog: pytest.LogCaptureFixture) -> None:
+def test_sop_class_mismatch(
+    receiver: Receiver, study_files: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # the File Meta (hence the request) says CT; the dataset inside says MR
     ds = dcmread(study_files[0])
     ds.SOPClassUID = MRImageStorage
@@ -119,8 +130,9 @@ def test_sop_class_mismatch(receiver: Receiver, study_files: list[Path], tmp_pat
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_dataset_that_does_not_parse(damage: str, receiver: Receiver, study_files: list[Path], tmp_path: Path,
-                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_dataset_that_does_not_parse(
+    damage: str, receiver: Receiver, study_files: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     body = dataset_bytes(study_files[0])
     if damage == "garbage":
         body = body[:200] + bytes(range(256)) * 8 + body[-64:]
@@ -141,8 +153,16 @@ def _mount_namespace_wrapper(data_dir: Path, size: str) -> list[str] | None:
     if unshare is None:
         return None
     user = [] if os.geteuid() == 0 else ["--map-root-user"]
-    return [unshare, "--mount", "--propagation", "private", *user, "sh", "-c",
-            f'mount -t tmpfs -o size={size} tmpfs "{data_dir}" && exec "$0" "$@"']
+    return [
+        unshare,
+        "--mount",
+        "--propagation",
+        "private",
+        *user,
+        "sh",
+        "-c",
+        f'mount -t tmpfs -o size={size} tmpfs "{data_dir}" && exec "$0" "$@"',
+    ]
 
 
 def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
@@ -154,8 +174,7 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
     wrapper = _mount_namespace_wrapper(data_dir, "1m")
     if wrapper is None:
         pytest.skip("unshare(1) is not installed (util-linux); cannot make a small file system")
-    config = write_config(tmp_path / "radtriage.toml", data_dir,
-                          index_url=f"sqlite:///{tmp_path / 'index.sqlite'}")
+    config = write_config(tmp_path / "radtriage.toml", data_dir, index_url=f"sqlite:///{tmp_path / 'index.sqlite'}")
     server = ServeProcess(config, wrap=lambda cmd: [*wrapper, *cmd]).start()
     try:
         from pipeline.lab.synth import synth_study

@@ -37,8 +37,13 @@ def test_kill_9_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
     server = ServeProcess(config).start()
     engine = create_index_engine(f"sqlite:///{data_dir / 'index.sqlite'}")
 
-    sender = subprocess.Popen(["storescu", "-v", "-aec", "RADTRIAGE", HOST, str(server.port), *map(str, images)],
-                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sender = subprocess.Popen(
+        ["storescu", "-v", "-aec", "RADTRIAGE", HOST, str(server.port), *map(str, images)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while True:  # kill once a good part of the study is in
         with session_scope(engine, readonly=True) as session:
@@ -72,8 +77,13 @@ def test_kill_9_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
             assert kept, f"acknowledged {sent.name} ({sop}) is not in the archive"
             assert dataset_bytes(kept[0]) == dataset_bytes(sent)
         # and the rest of the study can be sent again: resends are acknowledged, once each
-        resend = subprocess.run(["storescu", "-aec", "RADTRIAGE", HOST, str(restarted.port), *map(str, images)],
-                                env=ENV, capture_output=True, text=True, timeout=120)
+        resend = subprocess.run(
+            ["storescu", "-aec", "RADTRIAGE", HOST, str(restarted.port), *map(str, images)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert resend.returncode == 0, resend.stderr
         with session_scope(engine, readonly=True) as session:
             assert session.scalar(select(func.count(Instance.id))) == len(images)

@@ -83,22 +83,31 @@ def test_unknown_calling_ae_rejected_allowed_accepted(tmp_path: Path, study_file
 def test_studies_cli_lists_state_and_counts(receiver: Receiver, study_files: list[Path], tmp_path: Path) -> None:
     assert statuses(storescu(receiver.port, *study_files[:3])) == [0, 0, 0]
     env = {**ENV, "RADTRIAGE_STORAGE__DATA_DIR": str(receiver.settings.storage.data_dir)}
-    out = subprocess.run([sys.executable, "-m", "pipeline", "studies", "--json"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "studies", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
     assert [(r["state"], r["NumberOfStudyRelatedInstances"], r["ModalitiesInStudy"]) for r in rows] == [
-        ("received", 3, "CT")]
-    table = subprocess.run([sys.executable, "-m", "pipeline", "studies"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=60)
+        ("received", 3, "CT")
+    ]
+    table = subprocess.run(
+        [sys.executable, "-m", "pipeline", "studies"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert rows[0]["StudyInstanceUID"] in table.stdout and "received" in table.stdout
 
 
 def test_series_lookup(receiver: Receiver, study_files: list[Path]) -> None:
     assert statuses(storescu(receiver.port, *study_files[:2])) == [0, 0]
     with session_scope(receiver.archive.session_factory, readonly=True) as session:
-        sop, series_uid = session.execute(select(Instance.SOPInstanceUID, Series.SeriesInstanceUID)
-                                          .join(Series).order_by(Instance.InstanceNumber)).first()
+        sop, series_uid = session.execute(
+            select(Instance.SOPInstanceUID, Series.SeriesInstanceUID).join(Series).order_by(Instance.InstanceNumber)
+        ).first()
     path = receiver.archive.path_of(sop)
     assert path.is_file() and path.name == f"{sop}.dcm"
     assert path.parent.name == series_uid
@@ -110,9 +119,16 @@ def test_parallel_associations_into_one_new_study(receiver: Receiver, study_file
     from tests.core.conftest import HOST
 
     halves = [study_files[0::3], study_files[1::3], study_files[2::3]]
-    senders = [subprocess.Popen(["storescu", "-aec", "RADTRIAGE", HOST, str(receiver.port), *map(str, part)],
-                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for part in halves]
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-aec", "RADTRIAGE", HOST, str(receiver.port), *map(str, part)],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for part in halves
+    ]
     for sender in senders:
         out, _ = sender.communicate(timeout=120)
         assert sender.returncode == 0, out

@@ -116,8 +116,9 @@ def test_recovery_removes_partial_files_and_indexes_renamed_ones(archive: Archiv
     assert archive.recover() == (0, 0)
 
 
-@pytest.mark.parametrize("bad", ["", "1", "1.2.", ".1.2", "1..2", "1.2.03", "1.2.a", "../1.2", "1.2/3",
-                                 "1.2.3\\4", "1." + "9" * 63])
+@pytest.mark.parametrize(
+    "bad", ["", "1", "1.2.", ".1.2", "1..2", "1.2.03", "1.2.a", "../1.2", "1.2/3", "1.2.3\\4", "1." + "9" * 63]
+)
 def test_invalid_uids_are_rejected(bad: str) -> None:
     with pytest.raises(InvalidUIDError):
         validate_uid(bad, "SOPInstanceUID")

@@ -17,9 +17,29 @@ from tests.core.conftest import ENV, ROOT, ServeProcess, echoscu, require_tool, 
 
 
 def test_synth_cli_writes_a_valid_ct_series(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "pipeline", "synth", "--out", str(tmp_path / "s"), "--seed", "4",
-                          "--slices", "6", "--rows", "96", "--cols", "96"], cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "synth",
+            "--out",
+            str(tmp_path / "s"),
+            "--seed",
+            "4",
+            "--slices",
+            "6",
+            "--rows",
+            "96",
+            "--cols",
+            "96",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     files = sorted((tmp_path / "s").glob("*.dcm"))
     assert len(files) == 6
@@ -41,8 +61,11 @@ def test_same_seed_same_study_other_seed_other_patient(tmp_path: Path) -> None:
     a = dcmread(synth_study(tmp_path / "a", seed=9, slices=1, rows=32, cols=32)[0])
     b = dcmread(synth_study(tmp_path / "b", seed=9, slices=1, rows=32, cols=32)[0])
     c = dcmread(synth_study(tmp_path / "c", seed=10, slices=1, rows=32, cols=32)[0])
-    assert (a.StudyInstanceUID, a.PatientName, a.AccessionNumber) == (b.StudyInstanceUID, b.PatientName,
-                                                                      b.AccessionNumber)
+    assert (a.StudyInstanceUID, a.PatientName, a.AccessionNumber) == (
+        b.StudyInstanceUID,
+        b.PatientName,
+        b.AccessionNumber,
+    )
     assert a.StudyInstanceUID != c.StudyInstanceUID and a.PatientID != c.PatientID
 
 
@@ -70,7 +93,13 @@ def test_serve_stops_cleanly(sig: int, tmp_path: Path) -> None:
 def test_serve_refuses_a_bad_config_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[dicom]\nport = "eleven"\n')
-    out = subprocess.run([sys.executable, "-m", "pipeline", "--config", str(bad), "serve"], cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--config", str(bad), "serve"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "dicom.port" in out.stderr

@@ -30,8 +30,24 @@ def _issue(name: str, folder: Path, ca: str | None) -> None:
         return
     _openssl("req", *key, "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=folder)
     (folder / f"{name}.ext").write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-             "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=folder)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        cwd=folder,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,32 +63,50 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_tls_with_client_certificates(pki: Path, tmp_path: Path, study_files: list[Path]) -> None:
     settings = Settings(
         storage={"data_dir": tmp_path / "data"},
-        dicom={"bind": HOST, "port": 0, "allowed_aes": ["*"],
-               "tls": {"enabled": True, "cert_file": pki / "server.pem", "key_file": pki / "server.key",
-                       "ca_file": pki / "ca.pem", "require_client_cert": True}},
+        dicom={
+            "bind": HOST,
+            "port": 0,
+            "allowed_aes": ["*"],
+            "tls": {
+                "enabled": True,
+                "cert_file": pki / "server.pem",
+                "key_file": pki / "server.key",
+                "ca_file": pki / "ca.pem",
+                "require_client_cert": True,
+            },
+        },
     )
     migrate(settings.index_url)
     archive = Archive(settings)
     server = start_receiver(settings, archive)
     port = int(server.server_address[1])
     try:
-        good = storescu(port, *study_files[:3],
-                        extra=("+tls", str(pki / "modality.key"), str(pki / "modality.pem"), "+cf", str(pki / "ca.pem")))
+        good = storescu(
+            port,
+            *study_files[:3],
+            extra=("+tls", str(pki / "modality.key"), str(pki / "modality.pem"), "+cf", str(pki / "ca.pem")),
+        )
         assert good.returncode == 0, good.stdout + good.stderr
         assert statuses(good) == [0, 0, 0]
 
         plain = storescu(port, study_files[3])
         assert plain.returncode != 0 and statuses(plain) == []
 
-        stranger = storescu(port, study_files[4], extra=("+tls", str(pki / "stranger.key"),
-                                                         str(pki / "stranger.pem"), "+cf", str(pki / "ca.pem")))
+        stranger = storescu(
+            port,
+            study_files[4],
+            extra=("+tls", str(pki / "stranger.key"), str(pki / "stranger.pem"), "+cf", str(pki / "ca.pem")),
+        )
         assert stranger.returncode != 0 and statuses(stranger) == []
 
         with session_scope(archive.session_factory, readonly=True) as session:
             assert session.scalar(select(func.count(Instance.id))) == 3
         # the server is still up after the refused handshakes
-        again = storescu(port, study_files[5],
-                         extra=("+tls", str(pki / "modality.key"), str(pki / "modality.pem"), "+cf", str(pki / "ca.pem")))
+        again = storescu(
+            port,
+            study_files[5],
+            extra=("+tls", str(pki / "modality.key"), str(pki / "modality.pem"), "+cf", str(pki / "ca.pem")),
+        )
         assert statuses(again) == [0]
     finally:
         server.shutdown()
@@ -86,7 +120,15 @@ def test_tls_misconfiguration_is_a_clear_error(tmp_path: Path) -> None:
     settings = Settings(dicom={"tls": {"enabled": True}})
     with pytest.raises(ConfigError, match="cert_file"):
         ssl_context(settings)
-    missing = Settings(dicom={"tls": {"enabled": True, "cert_file": tmp_path / "no.pem", "key_file": tmp_path / "no.key",
-                                      "ca_file": tmp_path / "no-ca.pem"}})
+    missing = Settings(
+        dicom={
+            "tls": {
+                "enabled": True,
+                "cert_file": tmp_path / "no.pem",
+                "key_file": tmp_path / "no.key",
+                "ca_file": tmp_path / "no-ca.pem",
+            }
+        }
+    )
     with pytest.raises(ConfigError, match="cannot load"):
         ssl_context(missing)

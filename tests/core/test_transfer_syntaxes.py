@@ -68,14 +68,23 @@ MAKERS = {
 }
 
 # storescu options that propose exactly the file's transfer syntax
-PROPOSE = {RLELossless: "-xr", JPEGBaseline8Bit: "-xy", JPEGLosslessSV1: "-xs", JPEGLSLossless: "-xt",
-           JPEG2000Lossless: "-xv", JPEG2000: "-xw", DeflatedExplicitVRLittleEndian: "-xd",
-           ImplicitVRLittleEndian: "-xi", ExplicitVRBigEndian: "-xb"}
+PROPOSE = {
+    RLELossless: "-xr",
+    JPEGBaseline8Bit: "-xy",
+    JPEGLosslessSV1: "-xs",
+    JPEGLSLossless: "-xt",
+    JPEG2000Lossless: "-xv",
+    JPEG2000: "-xw",
+    DeflatedExplicitVRLittleEndian: "-xd",
+    ImplicitVRLittleEndian: "-xi",
+    ExplicitVRBigEndian: "-xb",
+}
 
 
 @pytest.mark.parametrize("syntax", list(MAKERS), ids=lambda uid: uid.name)
-def test_transfer_syntax_stored_as_received(syntax: str, source: dict[str, Path], receiver: Receiver,
-                                            tmp_path: Path) -> None:
+def test_transfer_syntax_stored_as_received(
+    syntax: str, source: dict[str, Path], receiver: Receiver, tmp_path: Path
+) -> None:
     kind, make = MAKERS[syntax]
     sent = tmp_path / "sent.dcm"
     make(source[kind], sent)

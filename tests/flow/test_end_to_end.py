@@ -30,20 +30,36 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def system(prefect_server, orthanc, tmp_path_factory: pytest.TempPathFactory):
-    destinations = [{"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port, "kinds": ["SEG", "SR"]}]
+    destinations = [
+        {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port, "kinds": ["SEG", "SR"]}
+    ]
     env = {
         "RADTRIAGE_FORWARD__DESTINATIONS": json.dumps(destinations),
         "RADTRIAGE_FORWARD__BACKOFF_SECONDS": "0.5",
         "RADTRIAGE_FORWARD__BACKOFF_MAX_SECONDS": "2",
     }
-    with RadtriageServer(tmp_path_factory.mktemp("radtriage"), prefect_api_url=prefect_server.api_url, env=env) as server:
+    with RadtriageServer(
+        tmp_path_factory.mktemp("radtriage"), prefect_api_url=prefect_server.api_url, env=env
+    ) as server:
         yield server
 
 
 def storescu(system: RadtriageServer, files: list[Path]) -> None:
     subprocess.run(
-        ["storescu", "-aet", "STORESCU", "-aec", system.ae_title, "127.0.0.1", str(system.dicom_port), *map(str, files)],
-        env={**os.environ, "TCP_NODELAY": "1"}, check=True, capture_output=True, timeout=120,
+        [
+            "storescu",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            system.ae_title,
+            "127.0.0.1",
+            str(system.dicom_port),
+            *map(str, files),
+        ],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
 
 
@@ -60,6 +76,7 @@ def analysed(*study_uids: str):
     def check(studies: list[dict]) -> bool:
         entries = [entry(studies, uid) for uid in study_uids]
         return all(e is not None and e["ai_status"] in ("done", "failed") for e in entries)
+
     return check
 
 
@@ -111,8 +128,11 @@ def test_results_wait_for_a_down_node_and_are_delivered_when_it_is_back(system, 
             listing = json.loads(system.cli("forwards", "--json", "--state", "pending").stdout)
             return {j["SOPInstanceUID"]: j["attempts"] for j in listing["jobs"] if j["SOPInstanceUID"] in owed}
 
-        system.wait_for(lambda _: len(failed_attempts()) == 2 and min(failed_attempts().values()) >= 1,
-                        timeout=60, what="failed delivery attempts to the down node")
+        system.wait_for(
+            lambda _: len(failed_attempts()) == 2 and min(failed_attempts().values()) >= 1,
+            timeout=60,
+            what="failed delivery attempts to the down node",
+        )
     finally:
         orthanc.start()
     orthanc.wait_for_instances(owed, timeout=60)
@@ -136,8 +156,12 @@ def test_a_late_instance_regenerates_the_results_and_supersedes_the_old(system, 
 
     def regenerated(studies: list[dict]) -> bool:
         e = entry(studies, study_uid)
-        return bool(e and e["ai_status"] == "done" and e["results"]
-                    and e["results"][0]["SegSOPInstanceUID"] != first["SegSOPInstanceUID"])
+        return bool(
+            e
+            and e["ai_status"] == "done"
+            and e["results"]
+            and e["results"][0]["SegSOPInstanceUID"] != first["SegSOPInstanceUID"]
+        )
 
     studies = system.wait_for(regenerated, what="results regenerated after the late instance")
     [second] = entry(studies, study_uid)["results"]
@@ -145,7 +169,9 @@ def test_a_late_instance_regenerates_the_results_and_supersedes_the_old(system, 
     with sqlite3.connect(system.data_dir / "index.sqlite") as db:
         rows = db.execute(
             "SELECT r.revision, r.superseded, r.SegSOPInstanceUID FROM ai_result r JOIN study s ON s.id = r.study_id "
-            "WHERE s.StudyInstanceUID = ? ORDER BY r.revision", (study_uid,)).fetchall()
+            "WHERE s.StudyInstanceUID = ? ORDER BY r.revision",
+            (study_uid,),
+        ).fetchall()
     assert rows == [(1, 1, first["SegSOPInstanceUID"]), (2, 0, second["SegSOPInstanceUID"])]
     # Both generations stay in the archive: superseded objects are kept, not deleted.
     archived_file(system, first["SegSOPInstanceUID"])
@@ -154,7 +180,9 @@ def test_a_late_instance_regenerates_the_results_and_supersedes_the_old(system, 
 
 def test_demo_fills_the_worklist(system):
     before = {s["StudyInstanceUID"] for s in system.worklist()}
-    sent = system.cli("demo", "--to", f"{system.ae_title}@127.0.0.1:{system.dicom_port}", "--studies", "2", "--slices", "16")
+    sent = system.cli(
+        "demo", "--to", f"{system.ae_title}@127.0.0.1:{system.dicom_port}", "--studies", "2", "--slices", "16"
+    )
     assert sent.returncode == 0, sent.stdout + sent.stderr
     assert sent.stdout.count("16/16 images sent") == 2, sent.stdout
     new = [s for s in system.worklist() if s["StudyInstanceUID"] not in before]

@@ -30,7 +30,13 @@ def ct_series(slices: int = 3, size: int = 16) -> list[Dataset]:
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Forward^Test", "FWD-1", "19700101", "O"
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "20240101", "120000", "ACC1", "", "1"
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = (
+            "20240101",
+            "120000",
+            "ACC1",
+            "",
+            "1",
+        )
         ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = "CT", 1, i + 1, "test"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.ImagePositionPatient = [0.0, 0.0, float(i) * 5.0]
@@ -51,7 +57,9 @@ def result_objects() -> ResultObjects:
     ct = ct_series()
     mask = np.zeros((len(ct), ct[0].Rows, ct[0].Columns), dtype=bool)
     mask[1, 4:9, 4:9] = True
-    algorithm = hd.AlgorithmIdentificationSequence(name="forward-test", version="1.0", family=codes.cid7162.ArtificialIntelligence)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="forward-test", version="1.0", family=codes.cid7162.ArtificialIntelligence
+    )
     segment = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label="bleed",
@@ -78,7 +86,9 @@ def result_objects() -> ResultObjects:
     )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(uid=generate_uid(), name="forward-test"),
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(), name="forward-test"
+        ),
     )
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="bleed"),

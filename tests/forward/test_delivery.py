@@ -142,14 +142,23 @@ def test_gives_up_after_max_attempts_and_retry_now_revives(make_settings, index,
     assert main(["--config", config, "forwards", "--retry-now", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["destinations"] == [
-        {"ae_title": "ORTHANC", "address": f"127.0.0.1:{orthanc.dicom_port}", "configured": True,
-         "pending": 0, "delivered": 2, "dead": 0}
+        {
+            "ae_title": "ORTHANC",
+            "address": f"127.0.0.1:{orthanc.dicom_port}",
+            "configured": True,
+            "pending": 0,
+            "delivered": 2,
+            "dead": 0,
+        }
     ]
     assert report["jobs"] == []  # default listing: pending and dead only
     assert orthanc.sop_instance_uids() == {seg_uid, sr_uid}
     assert main(["--config", config, "forwards", "--json", "--state", "delivered"]) == 0
     delivered = json.loads(capsys.readouterr().out)["jobs"]
-    assert {(j["SOPInstanceUID"], j["state"], j["attempts"]) for j in delivered} == {(seg_uid, "delivered", 1), (sr_uid, "delivered", 1)}
+    assert {(j["SOPInstanceUID"], j["state"], j["attempts"]) for j in delivered} == {
+        (seg_uid, "delivered", 1),
+        (sr_uid, "delivered", 1),
+    }
 
 
 REFUSE_SR = """
@@ -228,7 +237,8 @@ def test_forwarder_picks_up_jobs_queued_elsewhere_and_after_a_restart_of_the_nod
         orthanc.start()
         orthanc.wait_for_instances({seg_uid, sr_uid}, timeout=5)
         wait_until(
-            lambda: {j.state for j in jobs_by(factory).values()} == {ForwardState.delivered}, what="jobs marked delivered"
+            lambda: {j.state for j in jobs_by(factory).values()} == {ForwardState.delivered},
+            what="jobs marked delivered",
         )
     finally:
         forwarder.stop()

@@ -44,7 +44,11 @@ def test_enqueue_refuses_what_it_cannot_route(make_settings, index) -> None:
             enqueue_forwards(session, "1.2.3.1", "SEG", twins)
         assert enqueue_forwards(session, "1.2.3.1", "SEG", []) == 0
     with pytest.raises(ConfigError, match="appears twice"):
-        Forwarder(settings.model_copy(update={"forward": settings.forward.model_copy(update={"destinations": twins})}), None, factory)
+        Forwarder(
+            settings.model_copy(update={"forward": settings.forward.model_copy(update={"destinations": twins})}),
+            None,
+            factory,
+        )
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:
@@ -66,6 +70,8 @@ def test_destinations_from_the_environment(tmp_path, monkeypatch) -> None:
     ]
     assert settings.forward.max_attempts == 3
 
-    monkeypatch.setenv("RADTRIAGE_FORWARD__DESTINATIONS", '[{"ae_title": "ORTHANC", "host": "h", "port": 4242, "kinds": ["CT"]}]')
+    monkeypatch.setenv(
+        "RADTRIAGE_FORWARD__DESTINATIONS", '[{"ae_title": "ORTHANC", "host": "h", "port": 4242, "kinds": ["CT"]}]'
+    )
     with pytest.raises(ConfigError, match="forward.destinations.0.kinds"):
         load_settings(config)

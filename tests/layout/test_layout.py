@@ -26,8 +26,13 @@ def _graph(*edges: tuple[str, str]) -> grimp.ImportGraph:
 
 
 def test_the_cycle_check_finds_a_cycle_through_three_modules_and_only_that() -> None:
-    graph = _graph(("pipeline.a", "pipeline.b"), ("pipeline.b", "pipeline.c"), ("pipeline.c", "pipeline.a"),
-                   ("pipeline.c", "pipeline.d"), ("flows.x", "pipeline.a"))
+    graph = _graph(
+        ("pipeline.a", "pipeline.b"),
+        ("pipeline.b", "pipeline.c"),
+        ("pipeline.c", "pipeline.a"),
+        ("pipeline.c", "pipeline.d"),
+        ("flows.x", "pipeline.a"),
+    )
     assert cycles(graph) == [["pipeline.a", "pipeline.b", "pipeline.c"]]
     assert cycles(_graph(("pipeline.a", "pipeline.b"), ("flows.x", "pipeline.a"))) == []
 
@@ -42,10 +47,19 @@ def test_a_broken_contract_fails_and_names_the_import(tmp_path: Path) -> None:
         subprocess.run(["cp", "-r", str(ROOT / package), str(tmp_path / package)], check=True)
     (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
     worklist = tmp_path / "pipeline" / "web" / "worklist.py"
-    worklist.write_text(worklist.read_text() + "\n\ndef _bad() -> None:\n    from pipeline.ai.inference import load_model  # noqa: F401\n")
+    worklist.write_text(
+        worklist.read_text()
+        + "\n\ndef _bad() -> None:\n    from pipeline.ai.inference import load_model  # noqa: F401\n"
+    )
     lint = Path(sys.executable).with_name("lint-imports")
-    out = subprocess.run([str(lint), "--no-cache"], cwd=tmp_path, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=120)
+    out = subprocess.run(
+        [str(lint), "--no-cache"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
     assert out.returncode != 0
     assert "Nothing that answers DICOM or HTTP imports torch or MONAI BROKEN" in out.stdout.replace("\n", " ")
     assert "pipeline.web.worklist -> pipeline.ai.inference" in out.stdout

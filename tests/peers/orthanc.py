@@ -142,12 +142,16 @@ class OrthancPeer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise OrthancError(f"Orthanc exited with {self._process.returncode} at start; see {self.log_path}:\n{self._log_tail()}")
+                raise OrthancError(
+                    f"Orthanc exited with {self._process.returncode} at start; see {self.log_path}:\n{self._log_tail()}"
+                )
             if self._answers():
                 return
             time.sleep(0.05)
         self.stop()
-        raise OrthancError(f"Orthanc did not answer on {self.rest_url} within {self.startup_timeout} s; see {self.log_path}")
+        raise OrthancError(
+            f"Orthanc did not answer on {self.rest_url} within {self.startup_timeout} s; see {self.log_path}"
+        )
 
     def stop(self, timeout: float = 15.0, *, graceful: bool = True) -> None:
         """Stop Orthanc; its storage is kept.
@@ -176,7 +180,9 @@ class OrthancPeer:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     # --- REST -------------------------------------------------------------------
@@ -207,7 +213,9 @@ class OrthancPeer:
         deadline = time.monotonic() + timeout
         while True:
             stored = self.sop_instance_uids()
-            done = len(stored) >= sop_instance_uids if isinstance(sop_instance_uids, int) else sop_instance_uids <= stored
+            done = (
+                len(stored) >= sop_instance_uids if isinstance(sop_instance_uids, int) else sop_instance_uids <= stored
+            )
             if done:
                 return stored
             if time.monotonic() > deadline:

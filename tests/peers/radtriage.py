@@ -46,8 +46,14 @@ class ServeProcess:
         Turns the command into the one to run (e.g. inside ``unshare``).
     """
 
-    def __init__(self, config: Path | None = None, *, folder: Path | None = None, env: dict[str, str] | None = None,
-                 wrap: Callable[[list[str]], list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path | None = None,
+        *,
+        folder: Path | None = None,
+        env: dict[str, str] | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
+    ) -> None:
         if folder is None and config is None:
             raise ValueError("give the folder for the log, or a config file beside which it goes")
         self.folder = Path(folder) if folder is not None else Path(config).parent  # type: ignore[arg-type]
@@ -80,9 +86,15 @@ class ServeProcess:
         self._log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
         self._read = 0
         with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), env=self.env, cwd=REPO, stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command(),
+                env=self.env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def log_text(self) -> str:
         """What this run of the server logged so far."""
@@ -95,7 +107,7 @@ class ServeProcess:
     def drain(self) -> str:
         """What the server logged since the last call."""
         text = self.log_text()
-        new, self._read = text[self._read:], len(text)
+        new, self._read = text[self._read :], len(text)
         return new
 
     def wait_log(self, pattern: str, timeout: float = 30.0) -> str:
@@ -106,8 +118,9 @@ class ServeProcess:
             if re.search(pattern, text):
                 return text
             if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"radtriage serve exited ({self.proc.returncode}) before logging "
-                                     f"{pattern!r}:\n{text}")
+                raise AssertionError(
+                    f"radtriage serve exited ({self.proc.returncode}) before logging {pattern!r}:\n{text}"
+                )
             assert time.monotonic() < deadline, f"server never logged {pattern!r}:\n{text}"
             time.sleep(0.05)
 
@@ -130,6 +143,7 @@ class ServeProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
+
 class RadtriageServer(ServeProcess):
     """One radtriage installation in ``folder``, run as ``radtriage serve``.
 
@@ -140,8 +154,14 @@ class RadtriageServer(ServeProcess):
 
     ae_title = "RADTRIAGE"
 
-    def __init__(self, folder: Path, *, prefect_api_url: str | None, env: dict[str, str] | None = None,
-                 user: tuple[str, str] = ("alice", "correct horse battery")) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        prefect_api_url: str | None,
+        env: dict[str, str] | None = None,
+        user: tuple[str, str] = ("alice", "correct horse battery"),
+    ) -> None:
         super().__init__(folder=folder)
         self.dicom_port = free_port()
         self.web_port = free_port()
@@ -170,11 +190,21 @@ class RadtriageServer(ServeProcess):
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run a ``radtriage`` command against this installation."""
-        return subprocess.run([*RADTRIAGE, *args], env=self.env, cwd=REPO, input=stdin, text=True,
-                              capture_output=True, timeout=120, check=False)
+        return subprocess.run(
+            [*RADTRIAGE, *args],
+            env=self.env,
+            cwd=REPO,
+            input=stdin,
+            text=True,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
 
     def start(self, timeout: float = 120.0) -> RadtriageServer:
-        added = self.cli("user", "add", self.user[0], "--role", "radiologist", "--password-stdin", stdin=self.user[1] + "\n")
+        added = self.cli(
+            "user", "add", self.user[0], "--role", "radiologist", "--password-stdin", stdin=self.user[1] + "\n"
+        )
         assert added.returncode == 0, added.stderr
         self.launch()
         self.port = self.dicom_port
@@ -216,8 +246,10 @@ class RadtriageServer(ServeProcess):
             if predicate(studies):
                 return studies
             time.sleep(0.5)
-        raise AssertionError(f"timed out waiting for {what}; worklist: {json.dumps(studies, indent=1)[:3000]}\n"
-                             f"serve log:\n{self.log_tail()}")
+        raise AssertionError(
+            f"timed out waiting for {what}; worklist: {json.dumps(studies, indent=1)[:3000]}\n"
+            f"serve log:\n{self.log_tail()}"
+        )
 
     def __enter__(self) -> RadtriageServer:
         self.start()

@@ -27,8 +27,29 @@ def test_results_on_a_synth_series_pass_the_validators(tmp_path: Path) -> None:
         series_instance_uid=str(headers[0].SeriesInstanceUID),
         source_sop_instance_uids=[str(h.SOPInstanceUID) for h in headers],
         findings=[
-            Finding("hemorrhage", MORPHOLOGY, HEMORRHAGE, mask, 0.88, True, mask.sum() * 0.08, 40.0, Priority.CRITICAL, BRAIN),
-            Finding("mass", MORPHOLOGY, Code("4147007", "SCT", "Mass"), np.zeros_like(mask), 0.02, False, 0.0, 0.0, Priority.ROUTINE),
+            Finding(
+                "hemorrhage",
+                MORPHOLOGY,
+                HEMORRHAGE,
+                mask,
+                0.88,
+                True,
+                mask.sum() * 0.08,
+                40.0,
+                Priority.CRITICAL,
+                BRAIN,
+            ),
+            Finding(
+                "mass",
+                MORPHOLOGY,
+                Code("4147007", "SCT", "Mass"),
+                np.zeros_like(mask),
+                0.02,
+                False,
+                0.0,
+                0.0,
+                Priority.ROUTINE,
+            ),
         ],
     )
     uids = result_uids(str(headers[0].StudyInstanceUID), MODEL.name, MODEL.version, 0)

@@ -19,7 +19,9 @@ from .ct import BRAIN, HEMORRHAGE, INFARCT, MODEL, Series, blob_mask, empty_mask
 from .dicomtools import dciodvfy
 
 
-def write_seg(series: Series, headers: list[Dataset], result: ModelResult, settings: ResultSettings, path: Path) -> Path:
+def write_seg(
+    series: Series, headers: list[Dataset], result: ModelResult, settings: ResultSettings, path: Path
+) -> Path:
     uids = result_uids(series.study_instance_uid, MODEL.name, MODEL.version, 0)
     seg = build_seg(headers, result, settings, series_instance_uid=uids.seg_series, sop_instance_uid=uids.seg_sop)
     seg.save_as(path)
@@ -39,7 +41,9 @@ def frames_by_source(path: Path) -> list[tuple[int, str, np.ndarray]]:
     return out
 
 
-def test_seg_with_a_bleed_is_valid_and_reads_back(ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, tmp_path: Path) -> None:
+def test_seg_with_a_bleed_is_valid_and_reads_back(
+    ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, tmp_path: Path
+) -> None:
     mask = blob_mask((7, 30, 36), 12.0)
     result = result_with(ct_series, finding("hemorrhage", HEMORRHAGE, mask, 0.93, True, 24.0))
     path = write_seg(ct_series, ct_headers, result, settings, tmp_path / "seg.dcm")
@@ -80,7 +84,9 @@ def test_seg_with_a_bleed_is_valid_and_reads_back(ct_series: Series, ct_headers:
     np.testing.assert_array_equal(back[..., 0].astype(bool), mask)
 
 
-def test_seg_frames_lie_on_the_source_images_the_mask_covers(ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, tmp_path: Path) -> None:
+def test_seg_frames_lie_on_the_source_images_the_mask_covers(
+    ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, tmp_path: Path
+) -> None:
     mask = blob_mask((4, 20, 20), 9.0)
     result = result_with(ct_series, finding("hemorrhage", HEMORRHAGE, mask, 0.8, True, 18.0))
     path = write_seg(ct_series, ct_headers, result, settings, tmp_path / "seg.dcm")
@@ -95,7 +101,9 @@ def test_seg_frames_lie_on_the_source_images_the_mask_covers(ct_series: Series, 
         assert position == pytest.approx([float(v) for v in ct_series.datasets[k].ImagePositionPatient])
 
 
-def test_seg_without_a_finding_is_valid_and_every_segment_has_a_frame(ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, tmp_path: Path) -> None:
+def test_seg_without_a_finding_is_valid_and_every_segment_has_a_frame(
+    ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, tmp_path: Path
+) -> None:
     result = result_with(ct_series, finding("hemorrhage", HEMORRHAGE, empty_mask(), 0.04, False, 0.0))
     path = write_seg(ct_series, ct_headers, result, settings, tmp_path / "seg.dcm")
 
@@ -111,7 +119,9 @@ def test_seg_without_a_finding_is_valid_and_every_segment_has_a_frame(ct_series:
     assert seg.SegmentSequence[0].SegmentLabel == "hemorrhage"
 
 
-def test_seg_with_an_absent_and_a_present_finding_keeps_both_segments(ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, tmp_path: Path) -> None:
+def test_seg_with_an_absent_and_a_present_finding_keeps_both_segments(
+    ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, tmp_path: Path
+) -> None:
     bleed = blob_mask((9, 34, 28), 10.0)
     result = result_with(
         ct_series,
@@ -136,7 +146,9 @@ def test_seg_with_an_absent_and_a_present_finding_keeps_both_segments(ct_series:
     assert not back[..., 1].any()
 
 
-def test_full_datasets_and_headers_give_the_same_seg(ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings) -> None:
+def test_full_datasets_and_headers_give_the_same_seg(
+    ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings
+) -> None:
     mask = blob_mask((7, 30, 36), 12.0)
     result = result_with(ct_series, finding("hemorrhage", HEMORRHAGE, mask, 0.93, True, 24.0))
     kwargs = {"series_instance_uid": "1.2.3.4", "sop_instance_uid": "1.2.3.5"}
@@ -146,7 +158,9 @@ def test_full_datasets_and_headers_give_the_same_seg(ct_series: Series, ct_heade
     assert from_headers.NumberOfFrames == from_full.NumberOfFrames
 
 
-def test_bad_results_are_refused_with_a_clear_error(ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings) -> None:
+def test_bad_results_are_refused_with_a_clear_error(
+    ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings
+) -> None:
     kwargs = {"series_instance_uid": "1.2.3.4", "sop_instance_uid": "1.2.3.5"}
     wrong_shape = result_with(ct_series, finding("hemorrhage", HEMORRHAGE, empty_mask()[:-1], 0.1, False, 0.0))
     with pytest.raises(PermanentError, match="shape"):
@@ -166,8 +180,12 @@ def test_bad_results_are_refused_with_a_clear_error(ct_series: Series, ct_header
 
 
 @pytest.mark.parametrize(("probability", "volume"), [(1.5, 0.0), (-0.1, 0.0), (0.5, float("nan")), (0.5, -1.0)])
-def test_out_of_range_values_are_refused(ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, probability: float, volume: float) -> None:
+def test_out_of_range_values_are_refused(
+    ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, probability: float, volume: float
+) -> None:
     bad = finding("hemorrhage", HEMORRHAGE, empty_mask(), probability, False, 0.0)
     bad.volume_ml = volume
     with pytest.raises(PermanentError, match="invalid values"):
-        build_seg(ct_headers, result_with(ct_series, bad), settings, series_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.5")
+        build_seg(
+            ct_headers, result_with(ct_series, bad), settings, series_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.5"
+        )

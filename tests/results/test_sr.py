@@ -19,7 +19,9 @@ from .ct import BRAIN, HEMORRHAGE, INFARCT, MODEL, Series, blob_mask, empty_mask
 from .dicomtools import dciodvfy, dsrdump
 
 
-def write_pair(series: Series, headers: list[Dataset], result: ModelResult, settings: ResultSettings, folder: Path) -> tuple[Path, Path]:
+def write_pair(
+    series: Series, headers: list[Dataset], result: ModelResult, settings: ResultSettings, folder: Path
+) -> tuple[Path, Path]:
     uids = result_uids(series.study_instance_uid, MODEL.name, MODEL.version, 1)
     seg = build_seg(headers, result, settings, series_instance_uid=uids.seg_series, sop_instance_uid=uids.seg_sop)
     sr = build_sr(headers, seg, result, settings, series_instance_uid=uids.sr_series, sop_instance_uid=uids.sr_sop)
@@ -38,7 +40,9 @@ def check_valid(path: Path) -> None:
     assert "Imaging Measurement Report" in dump.stdout
 
 
-def test_sr_with_a_bleed_reports_it_and_points_at_the_seg(ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, tmp_path: Path) -> None:
+def test_sr_with_a_bleed_reports_it_and_points_at_the_seg(
+    ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, tmp_path: Path
+) -> None:
     mask = blob_mask((7, 30, 36), 12.0)
     bleed = finding("hemorrhage", HEMORRHAGE, mask, 0.93, True, 24.0)
     seg_path, sr_path = write_pair(ct_series, ct_headers, result_with(ct_series, bleed), settings, tmp_path)
@@ -98,7 +102,9 @@ def test_sr_with_a_bleed_reports_it_and_points_at_the_seg(ct_series: Series, ct_
     assert seg.SOPInstanceUID in evidence and covered <= evidence
 
 
-def test_sr_without_a_finding_is_valid_and_says_absent(ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, tmp_path: Path) -> None:
+def test_sr_without_a_finding_is_valid_and_says_absent(
+    ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, tmp_path: Path
+) -> None:
     result = result_with(ct_series, finding("hemorrhage", HEMORRHAGE, empty_mask(), 0.04, False, 0.0))
     seg_path, sr_path = write_pair(ct_series, ct_headers, result, settings, tmp_path)
     check_valid(sr_path)
@@ -111,7 +117,9 @@ def test_sr_without_a_finding_is_valid_and_says_absent(ct_series: Series, ct_hea
     assert segment_item.ReferencedSOPInstanceUID == hd.seg.segread(seg_path).SOPInstanceUID
 
 
-def test_sr_has_one_group_per_finding_in_segment_order(ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, tmp_path: Path) -> None:
+def test_sr_has_one_group_per_finding_in_segment_order(
+    ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings, tmp_path: Path
+) -> None:
     result = result_with(
         ct_series,
         finding("hemorrhage", HEMORRHAGE, blob_mask((9, 34, 28), 10.0), 0.9, True, 20.0),
@@ -128,7 +136,9 @@ def test_sr_has_one_group_per_finding_in_segment_order(ct_series: Series, ct_hea
     assert [g.get_qualitative_evaluations(name=PRESENCE)[0].value for g in groups] == [PRESENT, ABSENT]
 
 
-def test_sr_refuses_a_seg_of_another_result(ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings) -> None:
+def test_sr_refuses_a_seg_of_another_result(
+    ct_series: Series, ct_headers: list[Dataset], settings: ResultSettings
+) -> None:
     one = result_with(ct_series, finding("hemorrhage", HEMORRHAGE, empty_mask(), 0.1, False, 0.0))
     other = result_with(ct_series, finding("infarct", INFARCT, empty_mask(), 0.1, False, 0.0))
     seg = build_seg(ct_headers, one, settings, series_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.5")

@@ -18,8 +18,16 @@ from pipeline.web.auth import create_user
 from .seed import Seeded, seed_study
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 PASSWORD = "correct horse battery"
 MAX_FAILURES = 3
 
@@ -43,9 +51,10 @@ class WebEnv:
 @pytest.fixture(scope="session")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebEnv]:
     folder = tmp_path_factory.mktemp("web")
-    settings = Settings(storage={"data_dir": folder / "data"},
-                        web={"bind": "127.0.0.1", "port": 0, "login_max_failures": MAX_FAILURES,
-                             "login_lockout_seconds": 120})
+    settings = Settings(
+        storage={"data_dir": folder / "data"},
+        web={"bind": "127.0.0.1", "port": 0, "login_max_failures": MAX_FAILURES, "login_lockout_seconds": 120},
+    )
     migrate(settings.index_url)
     archive = Archive(settings)
     with session_scope(archive.session_factory) as session:
@@ -53,15 +62,41 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebEnv]:
         create_user(session, "root", PASSWORD, "admin")
         create_user(session, "mallory", PASSWORD, "radiologist")
     # The routine study arrived first: only the priority can put the bleed above it.
-    routine = seed_study(archive, folder, seed=11, name="Novak^Jan", accession="ACC1001", bleed=False,
-                         ai_status=AIStatus.done, minutes_ago=42)
-    failed = seed_study(archive, folder, seed=12, name="Rossi^Elena", accession="ACC1002", bleed=False,
-                        ai_status=AIStatus.failed, minutes_ago=25, with_results=False,
-                        error="volume: series has 2 slices, the model needs at least 8")
-    bleed = seed_study(archive, folder, seed=13, name="Garcia^Maria", accession="ACC1003", bleed=True,
-                       ai_status=AIStatus.done, minutes_ago=7)
-    pending = seed_study(archive, folder, seed=14, name="Weber^Karl", accession="ACC1004", bleed=False,
-                         ai_status=None, minutes_ago=1)
+    routine = seed_study(
+        archive,
+        folder,
+        seed=11,
+        name="Novak^Jan",
+        accession="ACC1001",
+        bleed=False,
+        ai_status=AIStatus.done,
+        minutes_ago=42,
+    )
+    failed = seed_study(
+        archive,
+        folder,
+        seed=12,
+        name="Rossi^Elena",
+        accession="ACC1002",
+        bleed=False,
+        ai_status=AIStatus.failed,
+        minutes_ago=25,
+        with_results=False,
+        error="volume: series has 2 slices, the model needs at least 8",
+    )
+    bleed = seed_study(
+        archive,
+        folder,
+        seed=13,
+        name="Garcia^Maria",
+        accession="ACC1003",
+        bleed=True,
+        ai_status=AIStatus.done,
+        minutes_ago=7,
+    )
+    pending = seed_study(
+        archive, folder, seed=14, name="Weber^Karl", accession="ACC1004", bleed=False, ai_status=None, minutes_ago=1
+    )
     server = WebServer(settings, archive.session_factory, archive)
     server.start()
     try:

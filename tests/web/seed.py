@@ -44,15 +44,28 @@ def _bleed_mask(shape: tuple[int, int, int]) -> np.ndarray:
     return ((z - 6) / 2.6) ** 2 + ((y - 38) / 8.0) ** 2 + ((x - 70) / 9.0) ** 2 <= 1.0
 
 
-def seed_study(archive: Archive, folder: Path, *, seed: int, name: str, accession: str, bleed: bool,
-               ai_status: AIStatus | None, minutes_ago: float, error: str = "",
-               shape: tuple[int, int, int] = SHAPE, with_results: bool = True) -> Seeded:
+def seed_study(
+    archive: Archive,
+    folder: Path,
+    *,
+    seed: int,
+    name: str,
+    accession: str,
+    bleed: bool,
+    ai_status: AIStatus | None,
+    minutes_ago: float,
+    error: str = "",
+    shape: tuple[int, int, int] = SHAPE,
+    with_results: bool = True,
+) -> Seeded:
     """Store a synthetic head CT (with a hemorrhage when ``bleed``) and the flow's rows for it."""
     rng = np.random.default_rng(seed)
     volume = head_phantom(shape, SPACING, rng)
     mask = _bleed_mask(shape) if bleed else np.zeros(shape, dtype=bool)
     volume[mask] = 70.0
-    paths = write_ct_series(volume, SPACING, folder / f"ct{seed}", seed=seed, PatientName=name, AccessionNumber=accession)
+    paths = write_ct_series(
+        volume, SPACING, folder / f"ct{seed}", seed=seed, PatientName=name, AccessionNumber=accession
+    )
     datasets = [pydicom.dcmread(p) for p in paths]
     for ds in datasets:
         archive.store_dataset(ds)
@@ -69,30 +82,69 @@ def seed_study(archive: Archive, folder: Path, *, seed: int, name: str, accessio
     voxel_ml = SPACING[0] * SPACING[1] * SPACING[2] / 1000.0
     with session_scope(archive.session_factory) as session:
         if with_results and ai_status is AIStatus.done:
-            finding = Finding("Hemorrhage", MORPHOLOGY, HEMORRHAGE, mask, 0.97 if bleed else 0.03, bleed,
-                              float(mask.sum() * voxel_ml), 39.6 if bleed else 0.0, priority, BRAIN)
+            finding = Finding(
+                "Hemorrhage",
+                MORPHOLOGY,
+                HEMORRHAGE,
+                mask,
+                0.97 if bleed else 0.03,
+                bleed,
+                float(mask.sum() * voxel_ml),
+                39.6 if bleed else 0.0,
+                priority,
+                BRAIN,
+            )
             result = ModelResult(MODEL, series_uid, seeded.sop_uids, [finding])
             uids = result_uids(study_uid, MODEL.name, MODEL.version, 1)
-            seg = build_seg(datasets, result, ResultSettings(), series_instance_uid=uids.seg_series,
-                            sop_instance_uid=uids.seg_sop)
-            sr = build_sr(datasets, seg, result, ResultSettings(), series_instance_uid=uids.sr_series,
-                          sop_instance_uid=uids.sr_sop)
+            seg = build_seg(
+                datasets, result, ResultSettings(), series_instance_uid=uids.seg_series, sop_instance_uid=uids.seg_sop
+            )
+            sr = build_sr(
+                datasets,
+                seg,
+                result,
+                ResultSettings(),
+                series_instance_uid=uids.sr_series,
+                sop_instance_uid=uids.sr_sop,
+            )
             archive.store_dataset(seg, derived=True)
             archive.store_dataset(sr, derived=True)
             seeded.seg_uid, seeded.sr_uid = uids.seg_sop, uids.sr_sop
             areas = mask.sum(axis=(1, 2))
             seeded.key_index = int(areas.argmax()) if bleed else -1
-            row = AIResult(study_id=study_id, revision=1, model_name=MODEL.name, model_version=MODEL.version,
-                           SourceSeriesInstanceUID=series_uid, SegSOPInstanceUID=uids.seg_sop,
-                           SRSOPInstanceUID=uids.sr_sop, ok=True, priority=priority.value)
-            row.findings.append(AIFinding(
-                label=finding.label, present=finding.present, probability=finding.probability,
-                volume_ml=finding.volume_ml, max_diameter_mm=finding.max_diameter_mm, priority=priority.value,
-                segment_number=1, key_sop_instance_uid=seeded.sop_uids[seeded.key_index] if bleed else ""))
+            row = AIResult(
+                study_id=study_id,
+                revision=1,
+                model_name=MODEL.name,
+                model_version=MODEL.version,
+                SourceSeriesInstanceUID=series_uid,
+                SegSOPInstanceUID=uids.seg_sop,
+                SRSOPInstanceUID=uids.sr_sop,
+                ok=True,
+                priority=priority.value,
+            )
+            row.findings.append(
+                AIFinding(
+                    label=finding.label,
+                    present=finding.present,
+                    probability=finding.probability,
+                    volume_ml=finding.volume_ml,
+                    max_diameter_mm=finding.max_diameter_mm,
+                    priority=priority.value,
+                    segment_number=1,
+                    key_sop_instance_uid=seeded.sop_uids[seeded.key_index] if bleed else "",
+                )
+            )
             session.add(row)
-        session.add(WorklistEntry(
-            study_id=study_id, ai_status=ai_status, ai_error=error,
-            priority=priority.value if ai_status is AIStatus.done else "routine",
-            priority_rank=priority.rank if ai_status is AIStatus.done else 0, summary="",
-            time_to_triage_seconds=3.4 if ai_status is AIStatus.done else None))
+        session.add(
+            WorklistEntry(
+                study_id=study_id,
+                ai_status=ai_status,
+                ai_error=error,
+                priority=priority.value if ai_status is AIStatus.done else "routine",
+                priority_rank=priority.rank if ai_status is AIStatus.done else 0,
+                summary="",
+                time_to_triage_seconds=3.4 if ai_status is AIStatus.done else None,
+            )
+        )
     return seeded

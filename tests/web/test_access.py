@@ -82,7 +82,10 @@ def test_api_mark_read_with_basic_and_filters(web: WebEnv) -> None:
         critical = client.get("/api/worklist", params={"priority": "critical"}).json()["studies"]
         assert web.bleed.StudyInstanceUID in {s["StudyInstanceUID"] for s in critical}
         assert all(s["priority"] == "critical" for s in critical)
-        assert client.get("/api/worklist", params={"q": "ACC1002"}).json()["studies"][0]["StudyInstanceUID"] == web.failed.StudyInstanceUID
+        assert (
+            client.get("/api/worklist", params={"q": "ACC1002"}).json()["studies"][0]["StudyInstanceUID"]
+            == web.failed.StudyInstanceUID
+        )
         assert len(client.get("/api/worklist", params={"modality": "ct"}).json()["studies"]) >= 4
         assert client.get("/api/worklist", params={"modality": "MR"}).json()["studies"] == []
         assert client.get("/api/worklist", params={"priority": "bogus"}).status_code == 400
@@ -144,8 +147,9 @@ def test_accesses_are_audited_and_audit_is_admin_only(web: WebEnv) -> None:
         assert client.get("/api/audit").status_code == 403
     with httpx.Client(base_url=web.url, auth=("root", PASSWORD)) as admin:
         events = admin.get("/api/audit", params={"study": uid, "username": "alice"}).json()["events"]
-    assert any(e["path"] == f"/studies/{uid}" and e["status_code"] == 200 and e["remote_addr"] == "127.0.0.1"
-               for e in events)
+    assert any(
+        e["path"] == f"/studies/{uid}" and e["status_code"] == 200 and e["remote_addr"] == "127.0.0.1" for e in events
+    )
 
 
 def test_live_rows_answer_304_when_nothing_changed(web: WebEnv) -> None:

@@ -52,8 +52,12 @@ def _fetch_png(page: object, src: str) -> np.ndarray:
 def test_login_then_bleed_above_routine(page: object, web: WebEnv, tmp_path: Path) -> None:
     login(page)
     uids = _row_uids(page)
-    assert set(uids) == {web.bleed.StudyInstanceUID, web.routine.StudyInstanceUID, web.failed.StudyInstanceUID,
-                         web.pending.StudyInstanceUID}
+    assert set(uids) == {
+        web.bleed.StudyInstanceUID,
+        web.routine.StudyInstanceUID,
+        web.failed.StudyInstanceUID,
+        web.pending.StudyInstanceUID,
+    }
     # Routine arrived 42 min ago, the bleed 7 min ago: only priority puts the bleed first.
     assert uids[0] == web.bleed.StudyInstanceUID
     assert uids.index(web.bleed.StudyInstanceUID) < uids.index(web.routine.StudyInstanceUID)
@@ -68,8 +72,10 @@ def test_login_then_bleed_above_routine(page: object, web: WebEnv, tmp_path: Pat
     assert pending.inner_text() == "pending"
     assert "decision support, not a diagnosis" in page.inner_text(".notice")  # type: ignore[attr-defined]
     # Every stylesheet and script comes from this server (no CDN).
-    sources = page.eval_on_selector_all("link[href], script[src]",  # type: ignore[attr-defined]
-                                        "els => els.map(e => e.href || e.src)")
+    sources = page.eval_on_selector_all(
+        "link[href], script[src]",  # type: ignore[attr-defined]
+        "els => els.map(e => e.href || e.src)",
+    )
     assert sources and all(s.startswith(web.url) for s in sources)
     _screenshot(page, tmp_path, "worklist.png")
 
@@ -91,9 +97,13 @@ def test_study_page_key_image_overlay_and_slider(page: object, web: WebEnv, tmp_
     page.click(f'#rows tr[data-uid="{web.bleed.StudyInstanceUID}"] td.name a')  # type: ignore[attr-defined]
     page.wait_for_url(f"**/studies/{web.bleed.StudyInstanceUID}")  # type: ignore[attr-defined]
     img = page.locator("#slice")  # type: ignore[attr-defined]
-    page.wait_for_function("() => document.getElementById('slice').complete && document.getElementById('slice').naturalWidth > 0")  # type: ignore[attr-defined]
+    page.wait_for_function(
+        "() => document.getElementById('slice').complete && document.getElementById('slice').naturalWidth > 0"
+    )  # type: ignore[attr-defined]
     _, rows, columns = SHAPE
-    assert page.evaluate("() => [document.getElementById('slice').naturalWidth, document.getElementById('slice').naturalHeight]") == [columns, rows]  # type: ignore[attr-defined]
+    assert page.evaluate(
+        "() => [document.getElementById('slice').naturalWidth, document.getElementById('slice').naturalHeight]"
+    ) == [columns, rows]  # type: ignore[attr-defined]
     src = img.get_attribute("src")
     assert web.bleed.sop_uids[web.bleed.key_index] in src and "window=brain" in src  # head CT: brain window
     key = _fetch_png(page, src)
@@ -157,11 +167,21 @@ def test_new_critical_study_appears_on_top_without_reload(page: object, web: Web
     login(page)
     page.evaluate("() => { window.__noReload = true; }")  # type: ignore[attr-defined]
     # Arrived 60 min ago, flagged now: it belongs above the bleed seen so far.
-    new = seed_study(web.archive, web.folder, seed=21, name="Silva^Ines", accession="ACC2001", bleed=True,
-                     ai_status=AIStatus.done, minutes_ago=60, shape=(12, 64, 64))
+    new = seed_study(
+        web.archive,
+        web.folder,
+        seed=21,
+        name="Silva^Ines",
+        accession="ACC2001",
+        bleed=True,
+        ai_status=AIStatus.done,
+        minutes_ago=60,
+        shape=(12, 64, 64),
+    )
     page.wait_for_function(  # type: ignore[attr-defined]
         f"() => {{ const r = document.querySelector('#rows tr.row'); return r && r.dataset.uid === '{new.StudyInstanceUID}'; }}",
-        timeout=10_000)
+        timeout=10_000,
+    )
     assert page.evaluate("() => window.__noReload") is True  # type: ignore[attr-defined]
     classes = page.locator("#rows tr.row").first.get_attribute("class") or ""
     assert "flash" in classes and "fresh" in classes  # type: ignore[attr-defined]

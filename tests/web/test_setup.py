@@ -41,14 +41,38 @@ def test_cli_user_add_then_basic_login(web: WebEnv, tmp_path: Path) -> None:
     env.pop("RADTRIAGE_CONFIG", None)
     config = tmp_path / "radtriage.toml"
     config.write_text("")
-    add = subprocess.run([sys.executable, "-m", "pipeline", "--config", str(config), "user", "add", "carol",
-                          "--role", "admin", "--password-stdin"], input="s3cret-carol\n", capture_output=True,
-                         text=True, env=env, cwd=REPO, timeout=60)
+    add = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "--config",
+            str(config),
+            "user",
+            "add",
+            "carol",
+            "--role",
+            "admin",
+            "--password-stdin",
+        ],
+        input="s3cret-carol\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
     assert add.returncode == 0, add.stderr
     assert "carol (admin)" in add.stdout
-    short = subprocess.run([sys.executable, "-m", "pipeline", "--config", str(config), "user", "add", "dave",
-                            "--password-stdin"], input="short\n", capture_output=True, text=True, env=env, cwd=REPO,
-                           timeout=60)
+    short = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--config", str(config), "user", "add", "dave", "--password-stdin"],
+        input="short\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
     assert short.returncode == 2 and "at least 8 characters" in short.stderr
     with httpx.Client(base_url=web.url) as client:
         assert client.get("/api/audit", auth=("carol", "s3cret-carol")).status_code == 200

@@ -47,7 +47,15 @@ def write_series(
     return paths
 
 
-def header_only_series(folder: Path, count: int, seed: int, *, rows: int = 8, columns: int = 8,
-                       thickness: float = 5.0, **attributes: object) -> list[Path]:
+def header_only_series(
+    folder: Path,
+    count: int,
+    seed: int,
+    *,
+    rows: int = 8,
+    columns: int = 8,
+    thickness: float = 5.0,
+    **attributes: object,
+) -> list[Path]:
     """A small series (tiny images) for selection tests, which read headers only."""
     return write_ct_series(np.zeros((count, rows, columns)), (thickness, 0.5, 0.5), folder, seed=seed, **attributes)  # type: ignore[arg-type]

@@ -36,10 +36,17 @@ def test_models_lists_available_and_unavailable_with_reasons(models: Path, capsy
     assert status == {"head_ct_hemorrhage": "available", "half_done": "unavailable"}
 
 
-@pytest.mark.parametrize(("finding", "present", "priority"), [("hemorrhage", True, ("urgent", "critical")),
-                                                              ("none", False, ("routine",))])
-def test_synth_then_analyze(models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                            finding: str, present: bool, priority: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("finding", "present", "priority"), [("hemorrhage", True, ("urgent", "critical")), ("none", False, ("routine",))]
+)
+def test_synth_then_analyze(
+    models: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    finding: str,
+    present: bool,
+    priority: tuple[str, ...],
+) -> None:
     study = tmp_path / "study"
     assert main(["synth", "--out", str(study), "--finding", finding, "--seed", "4100", "--slices", "36"]) == 0
     assert len(list(study.iterdir())) == 36

@@ -21,8 +21,9 @@ def test_a_tampered_cache_is_fetched_again_and_verified(tmp_path: Path, atlas: P
     (cache / HEAD_CT_ATLAS.name).write_bytes(b"not the atlas")
     env = {"RADTRIAGE_CACHE": str(cache), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
 
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_data.py")], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "fetch_data.py")], env=env, capture_output=True, text=True, timeout=300
+    )
 
     assert done.returncode == 0, done.stderr
     assert f"{HEAD_CT_ATLAS.name}: {cache / HEAD_CT_ATLAS.name}" in done.stdout

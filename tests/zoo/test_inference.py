@@ -37,7 +37,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, tuple[float, float, float]]:
-    volume, _, spacing = make_head_ct(4242, "none", rows=200, columns=200, pixel_spacing=1.1, slice_thickness=4.0, slices=40)
+    volume, _, spacing = make_head_ct(
+        4242, "none", rows=200, columns=200, pixel_spacing=1.1, slice_thickness=4.0, slices=40
+    )
     return volume, spacing
 
 
@@ -47,8 +49,15 @@ def test_a_second_bundle_registers_and_runs_beside_the_reference_model(models: P
     assert registry.unavailable == []
 
     study = tmp_path / "study"
-    synth_study(study, seed=31, slices=36, rows=256, cols=256, spacing_zyx=(5.0, 0.9, 0.9),
-                volume=volume_generator("hemorrhage", kinds=["epidural"]))
+    synth_study(
+        study,
+        seed=31,
+        slices=36,
+        rows=256,
+        cols=256,
+        spacing_zyx=(5.0, 0.9, 0.9),
+        volume=volume_generator("hemorrhage", kinds=["epidural"]),
+    )
     analyses = analyze_study(registry, study, device="cpu")
 
     by_model = {a.model.name: a for a in analyses}
@@ -70,15 +79,23 @@ def test_a_second_bundle_registers_and_runs_beside_the_reference_model(models: P
 
 @pytest.mark.parametrize("geometry", ["oblique", "reversed"])
 def test_masks_land_on_the_source_voxels_in_oblique_and_reversed_series(
-        models: Path, head, tmp_path: Path, geometry: str) -> None:  # type: ignore[no-untyped-def]
+    models: Path, head, tmp_path: Path, geometry: str
+) -> None:  # type: ignore[no-untyped-def]
     volume_hu, spacing = head
     if geometry == "oblique":
         rotation = _rotation(12, -20, 25)
-        paths = write_series(tmp_path, volume_hu, spacing=spacing, row_direction=rotation[:, 0],
-                             column_direction=rotation[:, 1])
+        paths = write_series(
+            tmp_path, volume_hu, spacing=spacing, row_direction=rotation[:, 0], column_direction=rotation[:, 1]
+        )
     else:
-        paths = write_series(tmp_path, volume_hu, spacing=spacing, origin=(-100, -110, 80),
-                             stack_direction=(0, 0, -1), row_direction=(-1, 0, 0))
+        paths = write_series(
+            tmp_path,
+            volume_hu,
+            spacing=spacing,
+            origin=(-100, -110, 80),
+            stack_direction=(0, 0, -1),
+            row_direction=(-1, 0, 0),
+        )
     model = load_registry(models).get("dense_bone")
     source = load_volume(paths)
 

@@ -10,19 +10,30 @@ from pipeline.ai.measure import make_finding, max_diameter_mm
 from pipeline.ai.spec import FindingSpec
 from pipeline.ai.volume import Volume
 
-SPEC = FindingSpec.model_validate({
-    "channel": 1, "label": "Intracranial hemorrhage",
-    "category": {"value": "49755003", "scheme": "SCT", "meaning": "Morphologically Abnormal Structure"},
-    "type": {"value": "50960005", "scheme": "SCT", "meaning": "Hemorrhage"},
-    "voxel_threshold": 0.5, "min_component_ml": 0.05, "min_volume_ml": 0.3,
-    "priority": [{"level": "critical", "min_volume_ml": 30}, {"level": "urgent"}],
-})
+SPEC = FindingSpec.model_validate(
+    {
+        "channel": 1,
+        "label": "Intracranial hemorrhage",
+        "category": {"value": "49755003", "scheme": "SCT", "meaning": "Morphologically Abnormal Structure"},
+        "type": {"value": "50960005", "scheme": "SCT", "meaning": "Hemorrhage"},
+        "voxel_threshold": 0.5,
+        "min_component_ml": 0.05,
+        "min_volume_ml": 0.3,
+        "priority": [{"level": "critical", "min_volume_ml": 30}, {"level": "urgent"}],
+    }
+)
 
 
-def _volume(shape: tuple[int, int, int], spacing: tuple[float, float, float], direction: np.ndarray | None = None) -> Volume:
-    return Volume(array=np.zeros(shape, np.float32), spacing=spacing, origin=(0.0, 0.0, 0.0),
-                  direction=np.eye(3)[::-1] if direction is None else direction,
-                  sop_instance_uids=[str(i) for i in range(shape[0])])
+def _volume(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], direction: np.ndarray | None = None
+) -> Volume:
+    return Volume(
+        array=np.zeros(shape, np.float32),
+        spacing=spacing,
+        origin=(0.0, 0.0, 0.0),
+        direction=np.eye(3)[::-1] if direction is None else direction,
+        sop_instance_uids=[str(i) for i in range(shape[0])],
+    )
 
 
 def _ball(volume: Volume, radius_mm: float, centre_mm: tuple[float, float, float]) -> np.ndarray:

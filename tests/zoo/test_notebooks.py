@@ -13,8 +13,11 @@ from .conftest import MODELS, ROOT
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 EXPECTED = {
     "01_train_head_ct_hemorrhage.ipynb": ["saved ", "model.pt", "study-level sensitivity"],
-    "02_add_your_model.ipynb": ["refused: configs/triage.json: findings.0.type.scheme", "available   hemorrhage_segresnet@0.1.0",
-                                "Intracranial hemorrhage: present="],
+    "02_add_your_model.ipynb": [
+        "refused: configs/triage.json: findings.0.type.scheme",
+        "available   hemorrhage_segresnet@0.1.0",
+        "Intracranial hemorrhage: present=",
+    ],
 }
 
 

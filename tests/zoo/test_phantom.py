@@ -27,7 +27,7 @@ def test_each_kind_of_bleed_is_acute_blood_inside_the_skull(kind: str) -> None:
     z, y, x = np.nonzero(case.label)
     for k in np.random.default_rng(0).choice(len(z), size=min(30, len(z)), replace=False):
         row = case.volume_hu[z[k], y[k]]
-        assert row[: x[k]].max() > 300 and row[x[k] + 1:].max() > 300
+        assert row[: x[k]].max() > 300 and row[x[k] + 1 :].max() > 300
 
 
 def test_same_seed_same_study_and_none_means_no_bleed() -> None:

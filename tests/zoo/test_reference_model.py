@@ -28,10 +28,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("seed", "finding", "kind", "slices"), CASES,
-                         ids=[f"{c[0]}-{c[2] or 'none'}-{'partial' if c[3] else 'whole'}" for c in CASES])
-def test_bleeds_are_found_and_normal_heads_are_silent(reference_model, seed: int, finding: str, kind: str | None,  # type: ignore[no-untyped-def]
-                                                     slices: int | None) -> None:
+@pytest.mark.parametrize(
+    ("seed", "finding", "kind", "slices"),
+    CASES,
+    ids=[f"{c[0]}-{c[2] or 'none'}-{'partial' if c[3] else 'whole'}" for c in CASES],
+)
+def test_bleeds_are_found_and_normal_heads_are_silent(
+    reference_model,
+    seed: int,
+    finding: str,
+    kind: str | None,  # type: ignore[no-untyped-def]
+    slices: int | None,
+) -> None:
     case = make_head_case(seed, finding, kinds=[kind] if kind else None, slices=slices, **GEOMETRY)
     assert finding == "none" or case.volume_ml > 0.5, "the bleed must be inside the scanned range"
     volume = case_volume(case, seed=seed)

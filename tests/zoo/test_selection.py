@@ -82,12 +82,25 @@ def test_nothing_is_selected_from_a_study_with_only_a_localizer_and_mr(tmp_path:
 
 def test_series_built_by_the_index_select_the_same_way(spec) -> None:  # type: ignore[no-untyped-def]
     """The archive index builds SeriesInfo itself (no files, other case, missing values)."""
+
     def info(uid: str, **kw: object) -> SeriesInfo:
-        base = dict(series_instance_uid=uid, modality="ct", body_part_examined=None, series_description="",
-                    image_type=("original", "primary", "axial"), number_of_instances=30, slice_thickness=5.0, files=[])
+        base = dict(
+            series_instance_uid=uid,
+            modality="ct",
+            body_part_examined=None,
+            series_description="",
+            image_type=("original", "primary", "axial"),
+            number_of_instances=30,
+            slice_thickness=5.0,
+            files=[],
+        )
         return SeriesInfo(**{**base, **kw})  # type: ignore[arg-type]
 
-    candidates = [info("1.1", slice_thickness=None), info("1.2", slice_thickness=2.5),
-                  info("1.3", slice_thickness=4.0, number_of_instances=12), info("1.4", slice_thickness=3.0)]
+    candidates = [
+        info("1.1", slice_thickness=None),
+        info("1.2", slice_thickness=2.5),
+        info("1.3", slice_thickness=4.0, number_of_instances=12),
+        info("1.4", slice_thickness=3.0),
+    ]
     # 1.1 has no thickness, 1.3 too few slices; 3.0 mm is closest to the 5 mm target.
     assert select_series(spec, candidates).series_instance_uid == "1.4"

@@ -32,6 +32,7 @@ def _set(path: str, value: object) -> Callable[[dict], None]:
             node[int(last)] = value
         else:
             node[last] = value
+
     return change
 
 
@@ -42,7 +43,11 @@ MISTAKES = [
     ("empty modality", _set("series.modality", []), "series.modality"),
     ("bad regex", _set("series.series_description_exclude", "(unclosed"), "series.series_description_exclude"),
     ("typo in a key", _set("series.min_slice", 3), "series.min_slice"),
-    ("thickness range upside down", _set("series.slice_thickness_mm", {"min": 6, "max": 1}), "series.slice_thickness_mm"),
+    (
+        "thickness range upside down",
+        _set("series.slice_thickness_mm", {"min": 6, "max": 1}),
+        "series.slice_thickness_mm",
+    ),
     ("negative thickness", _set("series.slice_thickness_mm", {"min": -1}), "series.slice_thickness_mm.min"),
     ("max slices below min", _set("series.max_slices", 4), "series"),
     ("unknown preference", _set("series.prefer", ["newest"]), "series.prefer.0"),
@@ -101,18 +106,33 @@ def _edit_json(path: Path, change: Callable[[dict], None]) -> None:
 
 BUNDLE_MISTAKES = [
     ("version not semver", "metadata.json", _set("version", "1.0"), "metadata.json: version"),
-    ("changelog lacks version", "metadata.json", _set("changelog", {"0.0.1": "old"}), "changelog has no entry for version"),
+    (
+        "changelog lacks version",
+        "metadata.json",
+        _set("changelog", {"0.0.1": "old"}),
+        "changelog has no entry for version",
+    ),
     ("no intended use", "metadata.json", _set("intended_use", _DELETE), "metadata.json: intended_use"),
-    ("no channel_def", "metadata.json", _set("network_data_format.outputs.pred.channel_def", _DELETE),
-     "network_data_format.outputs.pred.channel_def"),
-    ("channel not in channel_def", "configs/triage.json", _set("findings.0.channel", 5), "findings.0.channel: channel 5"),
+    (
+        "no channel_def",
+        "metadata.json",
+        _set("network_data_format.outputs.pred.channel_def", _DELETE),
+        "network_data_format.outputs.pred.channel_def",
+    ),
+    (
+        "channel not in channel_def",
+        "configs/triage.json",
+        _set("findings.0.channel", 5),
+        "findings.0.channel: channel 5",
+    ),
     ("no postprocessing", "configs/inference.json", _set("postprocessing", _DELETE), "missing postprocessing"),
 ]
 
 
 @pytest.mark.parametrize(("what", "file", "change", "expected"), BUNDLE_MISTAKES, ids=[m[0] for m in BUNDLE_MISTAKES])
-def test_bundle_mistakes_are_refused(bundle_copy: Path, what: str, file: str, change: Callable[[dict], None],
-                                     expected: str) -> None:
+def test_bundle_mistakes_are_refused(
+    bundle_copy: Path, what: str, file: str, change: Callable[[dict], None], expected: str
+) -> None:
     _edit_json(bundle_copy / file, change)
     with pytest.raises(ConfigError) as caught:
         check_bundle(bundle_copy)
@@ -136,7 +156,9 @@ def test_a_broken_bundle_is_listed_with_its_reason_and_does_not_stop_the_others(
     shutil.copytree(bundle_copy, duplicate)
     newer = models / "head_ct_hemorrhage_next"
     shutil.copytree(bundle_copy, newer)
-    _edit_json(newer / "metadata.json", lambda m: m.update(version="9.0.0", changelog={**m["changelog"], "9.0.0": "next"}))
+    _edit_json(
+        newer / "metadata.json", lambda m: m.update(version="9.0.0", changelog={**m["changelog"], "9.0.0": "next"})
+    )
 
     registry = load_registry(models)
 

@@ -45,8 +45,9 @@ def _assert_geometry_matches_headers(volume, paths: list[Path]) -> None:  # type
     by_uid = {str(pydicom.dcmread(p).SOPInstanceUID): pydicom.dcmread(p) for p in paths}
     for k, uid in enumerate(volume.sop_instance_uids):
         ds = by_uid[uid]
-        np.testing.assert_allclose(volume.index_to_lps(np.array([[k, 0, 0]]))[0],
-                                   [float(v) for v in ds.ImagePositionPatient], atol=1e-3)
+        np.testing.assert_allclose(
+            volume.index_to_lps(np.array([[k, 0, 0]]))[0], [float(v) for v in ds.ImagePositionPatient], atol=1e-3
+        )
         hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         np.testing.assert_array_equal(volume.array[k], hu)
         assert str(pydicom.dcmread(volume.files[k]).SOPInstanceUID) == uid
@@ -75,8 +76,9 @@ def test_axial_series_geometry_and_hounsfield_units(tmp_path: Path) -> None:
 def test_reversed_slice_order_is_sorted_along_the_normal(tmp_path: Path) -> None:
     """Instance 1 is the most superior image: the volume still goes inferior to superior."""
     data = _phantom()
-    paths = write_series(tmp_path, data, spacing=(3.0, 0.5, 0.5), origin=(0.0, 0.0, 50.0),
-                         stack_direction=(0.0, 0.0, -1.0))
+    paths = write_series(
+        tmp_path, data, spacing=(3.0, 0.5, 0.5), origin=(0.0, 0.0, 50.0), stack_direction=(0.0, 0.0, -1.0)
+    )
 
     volume = load_volume(paths)
 
@@ -91,19 +93,24 @@ def test_oblique_series(tmp_path: Path) -> None:
     rotation = _rotation(20, -15, 10)
     row, col = rotation[:, 0], rotation[:, 1]
     data = _phantom()
-    paths = write_series(tmp_path, data, spacing=(4.0, 0.8, 0.9), origin=(10.0, -20.0, 30.0),
-                         row_direction=row, column_direction=col)
+    paths = write_series(
+        tmp_path, data, spacing=(4.0, 0.8, 0.9), origin=(10.0, -20.0, 30.0), row_direction=row, column_direction=col
+    )
 
     volume = load_volume(paths[::-1])
 
     np.testing.assert_array_equal(volume.array, data)
     np.testing.assert_allclose(volume.direction, np.stack([np.cross(row, col), col, row]), atol=1e-6)
-    np.testing.assert_allclose(volume.index_to_lps(np.array([[0, 2, 7]]))[0],
-                               np.array([10.0, -20.0, 30.0]) + 2 * 0.8 * col + 7 * 0.9 * row, atol=1e-3)
+    np.testing.assert_allclose(
+        volume.index_to_lps(np.array([[0, 2, 7]]))[0],
+        np.array([10.0, -20.0, 30.0]) + 2 * 0.8 * col + 7 * 0.9 * row,
+        atol=1e-3,
+    )
     _assert_geometry_matches_headers(volume, paths)
     image = volume.to_sitk()  # the same geometry in SimpleITK's conventions
-    np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((7, 2, 3)),
-                               volume.index_to_lps(np.array([[3, 2, 7]]))[0], atol=1e-3)
+    np.testing.assert_allclose(
+        image.TransformIndexToPhysicalPoint((7, 2, 3)), volume.index_to_lps(np.array([[3, 2, 7]]))[0], atol=1e-3
+    )
 
 
 def test_gantry_tilt_keeps_the_acquired_stacking_direction(tmp_path: Path) -> None:
@@ -158,12 +165,15 @@ def test_too_few_slices_are_refused(tmp_path: Path) -> None:
         load_volume(paths[:2])
 
 
-@pytest.mark.parametrize(("what", "attributes", "message"), [
-    ("localizer without position", {"ImagePositionPatient": None}, "no ImagePositionPatient"),
-    ("duplicate position", {"ImagePositionPatient": ["-60", "-70", "15"]}, "same position"),
-    ("another series", {"SeriesInstanceUID": "1.2.3.4.5"}, "belong to 2 series"),
-    ("other image size", {"Rows": 6, "PixelData": b"\0" * 6 * COLUMNS * 2}, "image size"),
-])
+@pytest.mark.parametrize(
+    ("what", "attributes", "message"),
+    [
+        ("localizer without position", {"ImagePositionPatient": None}, "no ImagePositionPatient"),
+        ("duplicate position", {"ImagePositionPatient": ["-60", "-70", "15"]}, "same position"),
+        ("another series", {"SeriesInstanceUID": "1.2.3.4.5"}, "belong to 2 series"),
+        ("other image size", {"Rows": 6, "PixelData": b"\0" * 6 * COLUMNS * 2}, "image size"),
+    ],
+)
 def test_what_cannot_be_a_volume_is_refused(tmp_path: Path, what: str, attributes: dict, message: str) -> None:
     paths = write_series(tmp_path, _phantom())
     _edit(paths[3], **attributes)

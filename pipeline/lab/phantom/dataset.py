@@ -43,19 +43,29 @@ class CaseRecipe:
     z_offset_mm: float = 0.0
 
     def make(self) -> PhantomCase:
-        return make_head_case(self.seed, self.finding, rows=self.rows, columns=self.columns,  # type: ignore[arg-type]
-                              pixel_spacing=self.pixel_spacing, slice_thickness=self.slice_thickness,
-                              slices=self.slices, z_offset_mm=self.z_offset_mm)
+        return make_head_case(
+            self.seed,
+            self.finding,
+            rows=self.rows,
+            columns=self.columns,  # type: ignore[arg-type]
+            pixel_spacing=self.pixel_spacing,
+            slice_thickness=self.slice_thickness,
+            slices=self.slices,
+            z_offset_mm=self.z_offset_mm,
+        )
 
     @property
     def key(self) -> str:
         partial = f"-n{self.slices}{self.z_offset_mm:+.1f}" if self.slices else ""
-        return (f"v{GENERATOR_VERSION}-s{self.seed}-{self.finding}-{self.rows}x{self.columns}"
-                f"-{self.pixel_spacing:.3f}-{self.slice_thickness:.2f}{partial}")
+        return (
+            f"v{GENERATOR_VERSION}-s{self.seed}-{self.finding}-{self.rows}x{self.columns}"
+            f"-{self.pixel_spacing:.3f}-{self.slice_thickness:.2f}{partial}"
+        )
 
 
-def recipe(seed: int, *, positive_fraction: float = 0.65, full_size_fraction: float = 0.4,
-           partial_fraction: float = 0.3) -> CaseRecipe:
+def recipe(
+    seed: int, *, positive_fraction: float = 0.65, full_size_fraction: float = 0.4, partial_fraction: float = 0.3
+) -> CaseRecipe:
     """A study drawn from the range of scanners we expect, decided by ``seed`` alone.
 
     Most are reduced in-plane (256 pixels at 0.85-1.0 mm: cheap to make); the others the

@@ -112,7 +112,8 @@ def make_head_case(
     truth.CopyInformation(anatomy.reference)
     zz, yy, xx = np.nonzero(anatomy.intracranial)
     centre = anatomy.reference.TransformContinuousIndexToPhysicalPoint(
-        (float(xx.mean()), float(yy.mean()), float(zz.mean())))
+        (float(xx.mean()), float(yy.mean()), float(zz.mean()))
+    )
     transform = _pose(rng, centre, anatomy.reference)
 
     slices = slices or math.ceil(HEAD_COVERAGE_MM / slice_thickness)
@@ -128,10 +129,12 @@ def make_head_case(
     coarse_spacing = (4.0, 4.0, min(4.0, slice_thickness))
     coarse_size = [math.ceil((n - 1) * s / c) + 2 for n, s, c in zip(size, spacing_xyz, coarse_spacing, strict=True)]
     field = sitk.TransformToDisplacementField(
-        transform, sitk.sitkVectorFloat64, coarse_size, origin, coarse_spacing, grid.GetDirection())
+        transform, sitk.sitkVectorFloat64, coarse_size, origin, coarse_spacing, grid.GetDirection()
+    )
     both = sitk.Compose(image + 1000.0, truth)  # +1000: outside the atlas is air, resampled as 0
-    sampled = sitk.GetArrayFromImage(sitk.Resample(
-        both, grid, sitk.DisplacementFieldTransform(field), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat32))
+    sampled = sitk.GetArrayFromImage(
+        sitk.Resample(both, grid, sitk.DisplacementFieldTransform(field), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat32)
+    )
     volume = sampled[..., 0] - 1000.0
     mask = sampled[..., 1] >= 0.5
 
@@ -197,12 +200,21 @@ def case_volume(case: PhantomCase, *, seed: int | str = 0) -> "Volume":
 def volume_generator(finding: Finding, kinds: list[BleedKind | str] | None = None):  # type: ignore[no-untyped-def]
     """A ``pipeline.lab.synth`` volume generator ``(shape, spacing, rng) -> HU`` drawing on this phantom."""
 
-    def generate(shape: tuple[int, int, int], spacing: tuple[float, float, float],
-                 rng: np.random.Generator) -> np.ndarray:
+    def generate(
+        shape: tuple[int, int, int], spacing: tuple[float, float, float], rng: np.random.Generator
+    ) -> np.ndarray:
         if abs(spacing[1] - spacing[2]) > 1e-6:
             raise ValueError(f"the head phantom needs square pixels, got row/column spacing {spacing[1:]}")
-        volume, _, _ = make_head_ct(int(rng.integers(2**31)), finding, kinds=kinds, slices=shape[0], rows=shape[1],
-                                    columns=shape[2], slice_thickness=spacing[0], pixel_spacing=spacing[1])
+        volume, _, _ = make_head_ct(
+            int(rng.integers(2**31)),
+            finding,
+            kinds=kinds,
+            slices=shape[0],
+            rows=shape[1],
+            columns=shape[2],
+            slice_thickness=spacing[0],
+            pixel_spacing=spacing[1],
+        )
         return volume
 
     return generate

@@ -23,7 +23,9 @@ class BleedKind(str, enum.Enum):
     INTRAVENTRICULAR = "intraventricular"
 
 
-def _blend(hu: np.ndarray, label: np.ndarray, box: tuple[slice, ...], weight: np.ndarray, value: np.ndarray | float) -> None:
+def _blend(
+    hu: np.ndarray, label: np.ndarray, box: tuple[slice, ...], weight: np.ndarray, value: np.ndarray | float
+) -> None:
     hu[box] = hu[box] * (1 - weight) + value * weight
     np.maximum(label[box], weight, out=label[box])
 
@@ -31,7 +33,9 @@ def _blend(hu: np.ndarray, label: np.ndarray, box: tuple[slice, ...], weight: np
 def _box(center: np.ndarray, half: float, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], np.ndarray]:
     lo = np.maximum(np.floor(center - half).astype(int), 0)
     hi = np.minimum(np.ceil(center + half).astype(int) + 1, shape)
-    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij"), axis=0).astype(np.float32)
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij"), axis=0).astype(
+        np.float32
+    )
     return tuple(slice(a, b) for a, b in zip(lo, hi, strict=True)), grid
 
 
@@ -61,8 +65,15 @@ def add_intraparenchymal(anatomy: Anatomy, hu: np.ndarray, label: np.ndarray, rn
     _blend(hu, label, box, weight, _blood(rng, q.shape))
 
 
-def _extra_axial(anatomy: Anatomy, hu: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                 extent: float, thickness: float, lens: bool) -> None:
+def _extra_axial(
+    anatomy: Anatomy,
+    hu: np.ndarray,
+    label: np.ndarray,
+    rng: np.random.Generator,
+    extent: float,
+    thickness: float,
+    lens: bool,
+) -> None:
     # Over the convexity, above the skull base and below the vertex (where most are seen
     # and where a thick slice through the tangential skull does not mimic one).
     zs = np.argwhere(anatomy.intracranial)[:, 0]
