@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,14 +31,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from pipeline.triage.prefect_server import free_port  # noqa: E402
+
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_echo(port: int, aec: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:

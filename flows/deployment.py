@@ -14,11 +14,9 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalC
 from prefect.exceptions import ObjectAlreadyExists
 
 from flows.triage import inference_limit_name, triage_study
+from pipeline.triage.dispatch import DEPLOYMENT_NAME, FLOW_NAME
 
 log = logging.getLogger(__name__)
-
-DEPLOYMENT_NAME = "triage-study"
-FLOW_NAME = "triage-study"
 
 
 def register_deployment() -> UUID:

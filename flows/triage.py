@@ -19,6 +19,7 @@ from prefect.tasks import exponential_backoff
 
 from pipeline.errors import TransientError, describe_error
 from pipeline.triage import steps
+from pipeline.triage.dispatch import FLOW_NAME
 from pipeline.triage.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def finish_run(study_uid: str, revision: int, timings: dict[str, float]) -> dict
     return steps.finish_run(get_runtime(), study_uid, revision, timings)
 
 
-@flow(name="triage-study", log_prints=False)
+@flow(name=FLOW_NAME, log_prints=False)
 def triage_study(study_uid: str, revision: int = 1) -> dict[str, Any]:
     """Analyse one study revision with every model that applies to it."""
     logger = get_run_logger()

@@ -11,7 +11,7 @@ import enum
 from datetime import datetime
 
 from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
 from pipeline.index.schema import Base, Study, UTCDateTime, _enum, utcnow
 
@@ -138,6 +138,23 @@ class WorklistEntry(Base):
     read_by: Mapped[str] = mapped_column(String(64), default="")
 
     study: Mapped[Study] = relationship()
+
+
+def worklist_entry(session: Session, study_id: int) -> WorklistEntry:
+    """The study's worklist entry, created when missing as a study without one is shown:
+    AI pending, routine (rank 0), no summary, unread."""
+    entry = session.get(WorklistEntry, study_id)
+    if entry is None:
+        entry = WorklistEntry(
+            study_id=study_id,
+            ai_status=AIStatus.pending,
+            priority="routine",
+            priority_rank=0,
+            summary="",
+            updated_at=utcnow(),
+        )
+        session.add(entry)
+    return entry
 
 
 class ForwardJob(Base):

@@ -23,12 +23,16 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from pipeline.index.db import session_scope
 from pipeline.index.schema import Study, StudyState
-from pipeline.index.triage import AIStatus, TriageRun, WorklistEntry
+from pipeline.index.triage import AIStatus, TriageRun, worklist_entry
 from pipeline.process.component import PollLoop
 
 log = logging.getLogger(__name__)
 
-DEPLOYMENT = "triage-study/triage-study"
+# The one definition of the names: flows/ defines the flow and registers the deployment
+# under them (prefect.yaml repeats them for `prefect deploy`).
+FLOW_NAME = "triage-study"
+DEPLOYMENT_NAME = "triage-study"
+DEPLOYMENT = f"{FLOW_NAME}/{DEPLOYMENT_NAME}"
 
 
 def dispatch_key(study_uid: str, revision: int) -> str:
@@ -130,9 +134,7 @@ class Dispatcher(PollLoop):
             # this run's results will be superseded by the next revision.
             if study.state == StudyState.stable:
                 study.set_state(StudyState.dispatched)
-            entry = session.get(WorklistEntry, study.id) or WorklistEntry(study_id=study.id)
-            entry.ai_status = AIStatus.pending
-            session.add(entry)
+            worklist_entry(session, study.id).ai_status = AIStatus.pending
         log.info("dispatched study %s revision %d as flow run %s", study_uid, revision, flow_run.id)
         return True
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pydicom
 from sqlalchemy import select, update
 
-from pipeline.ai.findings import Priority
+from pipeline.ai.findings import Priority, findings_summary
 from pipeline.errors import PermanentError
 from pipeline.index.schema import SeriesOrigin, Study, StudyState, utcnow
-from pipeline.index.triage import AIFinding, AIResult, AIStatus, RunStatus, TriageRun, WorklistEntry
+from pipeline.index.triage import AIFinding, AIResult, AIStatus, RunStatus, TriageRun, worklist_entry
 from pipeline.triage.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,6 @@ def _study(session, study_uid: str) -> Study:
     return study
 
 
-def _worklist_entry(session, study: Study) -> WorklistEntry:
-    entry = session.get(WorklistEntry, study.id)
-    if entry is None:
-        entry = WorklistEntry(study_id=study.id)
-        session.add(entry)
-    return entry
-
-
 def begin_run(rt: Runtime, study_uid: str, revision: int, flow_run_id: str = "") -> None:
     """Mark the run and the worklist entry as running."""
     from pipeline.index.db import session_scope
@@ -66,7 +58,7 @@ def begin_run(rt: Runtime, study_uid: str, revision: int, flow_run_id: str = "")
         run.started_at = now
         if flow_run_id:
             run.flow_run_id = flow_run_id
-        entry = _worklist_entry(session, study)
+        entry = worklist_entry(session, study.id)
         entry.ai_status = AIStatus.running
         entry.ai_error = ""
         entry.updated_at = now
@@ -175,7 +167,7 @@ def store_results(rt: Runtime, study_uid: str, revision: int, result_path: Path)
             )
             for i, f in enumerate(result.findings)
         ]
-        _worklist_entry(session, study).results_stored_at = utcnow()
+        worklist_entry(session, study.id).results_stored_at = utcnow()
         destinations = rt.settings.forward.destinations
         enqueue_forwards(session, uids.seg_sop, "SEG", destinations)
         enqueue_forwards(session, uids.sr_sop, "SR", destinations)
@@ -244,7 +236,7 @@ def finish_run(
         failures = [r for r in results if not r.ok]
         priority = Priority.highest([Priority(r.priority) for r in results if r.ok])
         now = utcnow()
-        entry = _worklist_entry(session, study)
+        entry = worklist_entry(session, study.id)
         entry.priority = priority.value
         entry.priority_rank = priority.rank
         entry.summary = _summary(results)
@@ -276,11 +268,7 @@ def _latest_revision(session, study_id: int) -> int:
 
 
 def _summary(results: list[AIResult]) -> str:
-    parts = []
-    for r in results:
-        for f in sorted(r.findings, key=lambda f: -f.probability):
-            if f.present:
-                parts.append(f"{f.label.capitalize()} · {f.volume_ml:.1f} ml · p {f.probability:.2f}")
-    if not parts:
-        return "No AI finding" if any(r.ok for r in results) else ("AI failed" if results else "No applicable AI model")
-    return "; ".join(parts)
+    found = findings_summary(f for r in results for f in r.findings)
+    if found:
+        return found
+    return "No AI finding" if any(r.ok for r in results) else ("AI failed" if results else "No applicable AI model")

@@ -14,7 +14,7 @@ from pipeline.index.db import session_scope
 from pipeline.index.triage import AIStatus
 from pipeline.web.auth import AuthUser, csrf_ok
 from pipeline.web.context import WebContext
-from pipeline.web.worklist import StudyNotFound, get_worklist_item, list_worklist, mark_read, mark_unread
+from pipeline.web.worklist import StudyNotFound, get_worklist_item, list_worklist, read_action, set_read
 
 router = APIRouter()
 
@@ -93,17 +93,12 @@ def _api_mark(request: Request, study_uid: str, read: bool) -> JSONResponse:
     ctx = _ctx(request)
     user: AuthUser = request.state.user
     request.state.audit_study = study_uid
-    request.state.audit_action = "mark read" if read else "mark unread"
+    request.state.audit_action = read_action(read)
     # A browser session must prove the page is ours; HTTP Basic clients are scripts.
     if user.session_token and not csrf_ok(ctx.secret, user.session_token, request.headers.get("x-csrf-token", "")):
         return _error(403, "missing or wrong X-CSRF-Token header")
     try:
-        with session_scope(ctx.session_factory) as session:
-            if read:
-                mark_read(session, study_uid, user.username)
-            else:
-                mark_unread(session, study_uid)
-            item = get_worklist_item(session, study_uid)
+        item = set_read(ctx.session_factory, study_uid, user.username, read)
     except StudyNotFound as err:
         return _error(404, str(err))
     return JSONResponse(item.to_json())

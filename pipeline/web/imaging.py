@@ -6,9 +6,10 @@ each segment's recommended display colour as a translucent fill with a solid out
 (or the outline only). Results are PNG bytes at the image's own size (Rows ×
 Columns); they are kept in an LRU cache, so scrolling back and forth costs nothing.
 
-SEG frames are matched to slices through each frame's Derivation Image Sequence
-(Source Image Sequence), which every SEG written by radtriage and by highdicom has; a
-SEG without it is shown without overlay (and logged), never an error.
+SEG frames are matched to slices by highdicom's SEG reader, through each frame's
+Derivation Image Sequence (Source Image Sequence), which every SEG written by radtriage
+and by highdicom has; a SEG without it is shown without overlay (and logged), never an
+error.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 from highdicom.color import CIELabColor
@@ -72,26 +74,27 @@ def read_seg_overlay(path: Path) -> SegOverlay:
             overlay.colours[number] = tuple(int(c) for c in CIELabColor.from_dicom_value(list(lab)).to_rgb())  # type: ignore[assignment]
         else:
             overlay.colours[number] = _FALLBACK_COLOURS[(number - 1) % len(_FALLBACK_COLOURS)]
-    frames = ds.pixel_array
-    if frames.ndim == 2:
-        frames = frames[np.newaxis]
-    threshold = 0
-    if ds.get("SegmentationType") == "FRACTIONAL":
-        threshold = int(ds.get("MaximumFractionalValue", 255)) // 2
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
-    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
-    for index, group in enumerate(per_frame):
-        try:
-            # With one segment, writers may put the identification in the shared groups.
-            identification = group.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
-            number = int(identification[0].ReferencedSegmentNumber)
-            source = str(group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
-        except (AttributeError, IndexError, TypeError):
-            log.warning("SEG %s frame %d names no source image; it is not drawn", ds.SOPInstanceUID, index + 1)
-            continue
-        mask = frames[index] > threshold
-        if mask.any():
-            overlay.masks.setdefault(source, []).append((number, mask))
+    try:
+        # highdicom's reader maps every frame to its source image and segment.
+        seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
+        numbers = list(seg.get_segment_numbers())
+        sources = [sop for _, _, sop in seg.get_source_image_uids()]
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=sources,
+            segment_numbers=numbers,
+            ignore_spatial_locations=True,
+            skip_overlap_checks=True,
+        )
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        log.warning("SEG %s cannot be mapped to its source images (%s); it is not drawn", ds.SOPInstanceUID, err)
+        return overlay
+    # Binary frames come back 0/1, fractional ones rescaled to 0..1: more than half is in.
+    threshold = 0.5 if ds.get("SegmentationType") == "FRACTIONAL" else 0
+    for i, source in enumerate(sources):
+        for j, number in enumerate(numbers):
+            mask = pixels[i, :, :, j] > threshold
+            if mask.any():
+                overlay.masks.setdefault(source, []).append((number, mask))
     return overlay
 
 

@@ -16,7 +16,7 @@ from pipeline.index.triage import AIStatus
 from pipeline.web.auth import SESSION_COOKIE, SESSION_LIFETIME, AuthUser, LockedOut, csrf_ok, csrf_token
 from pipeline.web.context import WebContext, received_series, series_slices, study_instance
 from pipeline.web.imaging import OVERLAYS, WINDOWS, default_window
-from pipeline.web.worklist import StudyNotFound, get_worklist_item, list_worklist, mark_read, mark_unread
+from pipeline.web.worklist import StudyNotFound, get_worklist_item, list_worklist, read_action, set_read
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -290,15 +290,11 @@ def _mark(request: Request, study_uid: str, csrf: str, next_url: str, read: bool
     ctx = _ctx(request)
     user = _user(request)
     request.state.audit_study = study_uid
-    request.state.audit_action = "mark read" if read else "mark unread"
+    request.state.audit_action = read_action(read)
     if not csrf_ok(ctx.secret, user.session_token, csrf):
         return Response("Form expired; go back, reload and try again.", status_code=403)
     try:
-        with session_scope(ctx.session_factory) as session:
-            if read:
-                mark_read(session, study_uid, user.username)
-            else:
-                mark_unread(session, study_uid)
+        set_read(ctx.session_factory, study_uid, user.username, read)
     except StudyNotFound as err:
         return Response(str(err), status_code=404)
     return RedirectResponse(_safe_next(next_url or f"/studies/{study_uid}"), status_code=303)

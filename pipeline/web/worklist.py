@@ -17,12 +17,13 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, case, exists, func, or_, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from pipeline.ai.findings import Priority
+from pipeline.ai.findings import Priority, finding_line, findings_summary
 from pipeline.errors import RadtriageError
+from pipeline.index.db import session_scope
 from pipeline.index.schema import Patient, Series, SeriesOrigin, Study, utcnow
-from pipeline.index.triage import AIFinding, AIResult, AIStatus, WorklistEntry
+from pipeline.index.triage import AIFinding, AIResult, AIStatus, WorklistEntry, worklist_entry
 
 DEFAULT_LIMIT = 1000
 
@@ -50,7 +51,7 @@ class FindingItem:
 
     def summary(self) -> str:
         """``"Hemorrhage · 12.4 ml · p 0.97"``."""
-        return f"{self.label} · {self.volume_ml:.1f} ml · p {self.probability:.2f}"
+        return finding_line(self)
 
 
 @dataclass(frozen=True)
@@ -178,11 +179,9 @@ def _value(choice: str | enum.Enum | None) -> str | None:
 
 def _base_query() -> Any:
     priority = func.coalesce(WorklistEntry.priority, Priority.ROUTINE.value)
-    rank = case(
-        (priority == Priority.CRITICAL.value, Priority.CRITICAL.rank),
-        (priority == Priority.URGENT.value, Priority.URGENT.rank),
-        else_=Priority.ROUTINE.rank,
-    )
+    # The flow writes priority_rank (Priority.rank) with the priority: the order is one
+    # indexed column, not a CASE over the names.
+    rank = func.coalesce(WorklistEntry.priority_rank, Priority.ROUTINE.rank)
     unread_first = case((WorklistEntry.read_at.is_(None), 0), else_=1)
     query = (
         select(Study, Patient, WorklistEntry)
@@ -294,22 +293,33 @@ def mark_unread(session: Session, study_uid: str) -> None:
     session.flush()
 
 
+def set_read(session_factory: sessionmaker[Session], study_uid: str, user: str, read: bool) -> WorklistItem:
+    """Mark the study read by ``user`` (or unread again) in one transaction; return its row.
+
+    Raises
+    ------
+    StudyNotFound
+        When the index has no such study.
+    """
+    with session_scope(session_factory) as session:
+        if read:
+            mark_read(session, study_uid, user)
+        else:
+            mark_unread(session, study_uid)
+        return get_worklist_item(session, study_uid)
+
+
+def read_action(read: bool) -> str:
+    """The audit log's name for marking a study read or unread."""
+    return "mark read" if read else "mark unread"
+
+
 def _entry_for_update(session: Session, study_uid: str) -> WorklistEntry:
     study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
     if study is None:
         raise StudyNotFound(f"no study {study_uid} in the index")
-    entry = session.get(WorklistEntry, study.id)
-    if entry is None:
-        # The flow has not written one yet: create the row it will update (AI pending).
-        entry = WorklistEntry(
-            study_id=study.id,
-            ai_status=AIStatus.pending,
-            priority=Priority.ROUTINE.value,
-            priority_rank=Priority.ROUTINE.rank,
-            summary="",
-            updated_at=utcnow(),
-        )
-        session.add(entry)
+    # The flow may not have written one yet: create the row it will update (AI pending).
+    entry = worklist_entry(session, study.id)
     return entry
 
 
@@ -352,10 +362,9 @@ def _finding(result: AIResult, finding: AIFinding) -> FindingItem:
 
 def _item(study: Study, patient: Patient, entry: WorklistEntry | None, results: list[AIResult]) -> WorklistItem:
     findings = tuple(_finding(r, f) for r in results for f in sorted(r.findings, key=lambda f: f.segment_number))
-    present = sorted((f for f in findings if f.present), key=lambda f: (-_rank(f.priority), -f.volume_ml))
-    summary = (entry.summary if entry is not None else "") or " · ".join(f.summary() for f in present[:1])
-    if len(present) > 1 and not (entry is not None and entry.summary):
-        summary += f" (+{len(present) - 1})"
+    # The flow stores the summary when it finishes; until then (or for rows written by
+    # an older version) it is made the same way from the findings.
+    summary = (entry.summary if entry is not None else "") or findings_summary(findings)
     modalities = tuple(m for m in (study.ModalitiesInStudy or "").split("\\") if m)
     return WorklistItem(
         StudyInstanceUID=study.StudyInstanceUID,

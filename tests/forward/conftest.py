@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.archive import Archive
 from pipeline.config import Settings, load_settings
 from pipeline.index.db import create_index_engine, make_session_factory, migrate
-from tests.peers.orthanc import OrthancPeer, free_port
+from pipeline.triage.prefect_server import free_port
+from tests.peers.orthanc import OrthancPeer
 
 from .objects import ResultObjects, result_objects
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -27,15 +26,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from pipeline.triage.prefect_server import free_port
+
 ORTHANC_BINARY = "Orthanc"
 LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A TCP port free on every interface (Orthanc binds 0.0.0.0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
+ALL_INTERFACES = ""  # Orthanc binds 0.0.0.0: its ports must be free on every interface
 
 
 class OrthancError(RuntimeError):
@@ -75,8 +70,8 @@ class OrthancPeer:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
-        self.dicom_port = free_port()
-        self.http_port = free_port()
+        self.dicom_port = free_port(ALL_INTERFACES)
+        self.http_port = free_port(ALL_INTERFACES)
         self.host = LOOPBACK
         self.modalities = dict(modalities or {})
         self.lua = lua
