@@ -13,18 +13,24 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.exceptions import ObjectAlreadyExists
 
+from flows.engine import apply_deployment
 from flows.triage import inference_limit_name, triage_study
 from pipeline.triage.dispatch import DEPLOYMENT_NAME, FLOW_NAME
 
 log = logging.getLogger(__name__)
 
+# As in prefect.yaml: where a Prefect worker with this repository finds the flow.
+ENTRYPOINT = "flows/triage.py:triage_study"
+
 
 def register_deployment() -> UUID:
     """Create or update the ``triage-study/triage-study`` deployment; return its id."""
-    # _sync: called from threads and from code that may have an event loop around
-    # (Playwright in tests, uvicorn); Prefect would otherwise hand back a coroutine.
-    deployment = triage_study.to_deployment(name=DEPLOYMENT_NAME, tags=["radtriage"], _sync=True)
-    deployment_id = deployment.apply(_sync=True)
+    # The sync client: called from threads and from code that may have an event loop
+    # around (Playwright in tests, uvicorn).
+    with get_client(sync_client=True) as client:
+        deployment_id = apply_deployment(
+            client, triage_study, DEPLOYMENT_NAME, entrypoint=ENTRYPOINT, tags=["radtriage"]
+        )
     log.info("registered Prefect deployment %s/%s (%s)", FLOW_NAME, DEPLOYMENT_NAME, deployment_id)
     return deployment_id
 

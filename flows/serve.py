@@ -14,8 +14,7 @@ import threading
 from pathlib import Path
 from uuid import UUID
 
-from prefect.context import refresh_global_settings_context
-
+from flows.engine import use_api_url
 from pipeline.config import Settings
 from pipeline.triage.dispatch import Dispatcher, recover_interrupted
 from pipeline.triage.prefect_server import LocalPrefectServer
@@ -113,9 +112,7 @@ class EmbeddedPrefect:
         self.server = LocalPrefectServer(home, port or None, ui=True, task_history=task_history)
 
     def start(self) -> None:
-        os.environ["PREFECT_API_URL"] = self.server.start()
-        # Prefect captured its settings at import; make every thread see the new URL.
-        refresh_global_settings_context()
+        use_api_url(self.server.start())
         log.info("Prefect UI at %s", self.server.api_url.removesuffix("/api"))
 
     def stop(self) -> None:

@@ -15,11 +15,8 @@ from datetime import UTC, datetime
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.exceptions import Abort
-from prefect.flow_engine import run_flow
-from prefect.states import Pending
-from prefect.utilities.engine import propose_state_sync
 
+from flows.engine import claim_flow_run, run_flow_run
 from flows.triage import triage_study
 from pipeline.process.component import PollLoop
 
@@ -79,12 +76,8 @@ class InProcessWorker(PollLoop):
             for flow_run in runs:
                 if flow_run.id in self._running:
                     continue
-                try:
-                    state = propose_state_sync(client, Pending(), flow_run_id=flow_run.id)
-                except Abort:
+                if not claim_flow_run(client, flow_run.id):
                     continue  # another worker claimed it
-                if not state.is_pending():
-                    continue
                 log.info("running flow run %s for %s", flow_run.name, flow_run.parameters)
                 self._running[flow_run.id] = self._pool.submit(self._execute, flow_run)
                 started += 1
@@ -93,7 +86,7 @@ class InProcessWorker(PollLoop):
     @staticmethod
     def _execute(flow_run: object) -> object:
         try:
-            return run_flow(triage_study, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
+            return run_flow_run(triage_study, flow_run)  # type: ignore[arg-type]
         except BaseException:
             log.exception("flow run %s crashed", getattr(flow_run, "name", flow_run))
             return None

@@ -22,8 +22,11 @@ transfer syntax UID: with all storage SOP classes and 13 transfer syntaxes that 
 ~60 ms of CPU per association. Contexts hold only immutable UIDs, so a copy of each
 context object and of its list of transfer syntaxes is the same thing, 50x cheaper.
 
-Written against pynetdicom 3.0 (pinned in pyproject.toml); with any other layout it
-leaves the association untouched.
+This module is the only code that touches pynetdicom's internals. It was written
+against pynetdicom 3.0.4 (pinned exactly in pyproject.toml); with any other layout it
+leaves the association untouched and says so with a WARNING (once per process and
+tuning), so an upgrade that makes it ineffective is seen in the log, and
+``tests/core/test_tuning.py`` fails on it.
 """
 
 from __future__ import annotations
@@ -37,10 +40,30 @@ import threading
 import time
 from typing import Any
 
+import pynetdicom
 import pynetdicom.association
 from pynetdicom.transport import AssociationSocket
 
 log = logging.getLogger(__name__)
+
+PYNETDICOM_VERSION = "3.0.4"
+_warned: set[str] = set()
+
+
+def _skipped(tuning: str, why: str) -> None:
+    """Log that a tuning was not applied: a WARNING the first time, then at DEBUG."""
+    level = logging.DEBUG if tuning in _warned else logging.WARNING
+    _warned.add(tuning)
+    log.log(
+        level,
+        "pynetdicom tuning %r skipped (%s): the receiver works, but slower; pynetdicom %s "
+        "is not the %s this was written for",
+        tuning,
+        why,
+        pynetdicom.__version__,
+        PYNETDICOM_VERSION,
+    )
+
 
 # How long the DUL thread blocks when idle; bounds how late it notices timers and
 # the end of an association (it wakes at once for data and for outgoing primitives).
@@ -146,7 +169,7 @@ def cheap_context_copies(server: Any) -> bool:
     """Make ``server`` copy its presentation contexts cheaply for each association."""
     contexts = getattr(server, "contexts", None)
     if not isinstance(contexts, list) or not all(set(vars(cx)) <= _CONTEXT_FIELDS for cx in contexts):
-        log.debug("pynetdicom server layout not recognised; contexts left as they are")
+        _skipped("cheap context copies", "the server's presentation contexts have an unknown layout")
         return False
     server.contexts = _CheapCopyContexts(contexts)
     return True
@@ -180,7 +203,7 @@ def tune_association(assoc: Any) -> bool:
     sock = getattr(dul, "socket", None)
     queue = getattr(dul, "to_provider_queue", None)
     if type(sock) is not AssociationSocket or queue is None or not hasattr(dul, "_run_loop_delay"):
-        log.debug("pynetdicom layout not recognised; association left as is")
+        _skipped("low-latency DUL", "the association's DUL has an unknown layout")
         return False
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
@@ -198,8 +221,27 @@ def tune_association(assoc: Any) -> bool:
     dul._run_loop_delay = 0  # the wait happens in select() instead
 
     messages = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
-    if messages is not None and _install_reactor_clock():
+    if messages is None:
+        _skipped("reactor wake-up", "the association has no DIMSE message queue")
+    elif not _install_reactor_clock():
+        _skipped("reactor wake-up", "pynetdicom.association.time is not the time module")
+    else:
         event = threading.Event()
         setattr(assoc, _WAKE_ATTRIBUTE, event)
         _wrap_put(messages, event.set)
     return True
+
+
+def is_tuned(assoc: Any) -> bool:
+    """Whether every tuning of :func:`tune_association` is active on ``assoc``."""
+    sock = getattr(getattr(assoc, "dul", None), "socket", None)
+    return (
+        isinstance(sock, _LowLatencySocket)
+        and getattr(assoc, _WAKE_ATTRIBUTE, None) is not None
+        and isinstance(getattr(pynetdicom.association, "time", None), _ReactorClock)
+    )
+
+
+def contexts_are_cheap(server: Any) -> bool:
+    """Whether :func:`cheap_context_copies` is active on ``server``."""
+    return isinstance(getattr(server, "contexts", None), _CheapCopyContexts)

@@ -7,7 +7,6 @@ use it too.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +18,9 @@ from pipeline.triage.prefect_server import LocalPrefectServer
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPrefectServer]:
     server = LocalPrefectServer(tmp_path_factory.mktemp("prefect-home"), ui=False)
-    os.environ["PREFECT_API_URL"] = server.start()
-    from prefect.context import refresh_global_settings_context
+    from flows.engine import use_api_url
 
-    refresh_global_settings_context()
+    use_api_url(server.start())
     yield server
     server.stop()
 
