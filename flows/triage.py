@@ -1,8 +1,9 @@
 """Prefect flow ``triage-study``: from a stable study to SEG + SR, forwards and worklist.
 
 Thin wiring over :mod:`pipeline.triage.steps`. Tasks pass UIDs and paths. Only
-:class:`~pipeline.errors.TransientError` is retried (archive busy, GPU out of memory);
-anything else a model raises is permanent for that study and shown on the worklist.
+:class:`~pipeline.errors.TransientError` is retried, with backoff: a busy or locked
+index, a lost database connection, a full disk, GPU out of memory. Anything else a
+model raises is permanent for that study and shown on the worklist.
 """
 
 from __future__ import annotations

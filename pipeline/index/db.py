@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -124,3 +125,26 @@ def migrate(url: str, revision: str = "head") -> None:
         alembic_log.setLevel(logging.WARNING)
     command.upgrade(alembic_config(url), revision)
     log.info("index %s is at revision %s", parsed.render_as_string(hide_password=True), revision)
+
+
+# SQLSTATEs of PostgreSQL errors that pass: serialization failure, deadlock, disk
+# full, out of memory, too many connections, and the connection-exception class.
+_TRANSIENT_SQLSTATES = {"40001", "40P01", "53100", "53200", "53300", "57P01", "57P03"}
+_TRANSIENT_SQLITE = ("database is locked", "database table is locked", "database or disk is full", "disk i/o error")
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a database error may pass when the same transaction is tried again later.
+
+    True for a locked or busy SQLite database (after its busy timeout), a full disk, a
+    lost connection, and PostgreSQL's serialization failures and deadlocks; false for
+    what retrying cannot fix (a missing table, a constraint violation, bad SQL).
+    """
+    if not isinstance(err, DBAPIError):
+        return False
+    if err.connection_invalidated:
+        return True
+    sqlstate = str(getattr(err.orig, "sqlstate", None) or getattr(err.orig, "pgcode", None) or "")
+    if sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08"):
+        return True
+    return isinstance(err, OperationalError) and any(text in str(err.orig).lower() for text in _TRANSIENT_SQLITE)

@@ -3,26 +3,63 @@
 ``flows/triage.py`` wraps each in a Prefect task; they take and return UIDs, paths and
 small dicts, never arrays. Every step is idempotent for a given study revision, so a
 retried task or a re-run flow creates nothing twice.
+
+A busy or locked index, a lost database connection and a full disk are
+:class:`~pipeline.errors.TransientError` (see :func:`transient_resources`): the flow
+retries the step with backoff instead of marking the study AI failed.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import pydicom
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 
 from pipeline.ai.findings import Priority, findings_summary
-from pipeline.errors import PermanentError
+from pipeline.errors import PermanentError, TransientError
+from pipeline.index.db import is_transient
 from pipeline.index.schema import SeriesOrigin, Study, StudyState, utcnow
 from pipeline.index.triage import AIFinding, AIResult, AIStatus, RunStatus, TriageRun, worklist_entry
 from pipeline.triage.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def transient_resources(step: Callable[P, R]) -> Callable[P, R]:
+    """Turn the errors of a busy or full machine into :class:`TransientError` (retried).
+
+    The index (locked, busy, connection lost: :func:`pipeline.index.db.is_transient`)
+    and the disk (no space) recover by themselves; anything else is left as it is.
+    """
+
+    @functools.wraps(step)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return step(*args, **kwargs)
+        except DBAPIError as err:
+            if is_transient(err):
+                raise TransientError(f"index busy or unavailable, retrying: {err.orig}") from err
+            raise
+        except OSError as err:
+            if err.errno in _NO_SPACE:
+                raise TransientError(f"disk full, retrying once space is freed: {err}") from err
+            raise
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -41,6 +78,7 @@ def _study(session, study_uid: str) -> Study:
     return study
 
 
+@transient_resources
 def begin_run(rt: Runtime, study_uid: str, revision: int, flow_run_id: str = "") -> None:
     """Mark the run and the worklist entry as running."""
     from pipeline.index.db import session_scope
@@ -49,7 +87,7 @@ def begin_run(rt: Runtime, study_uid: str, revision: int, flow_run_id: str = "")
         study = _study(session, study_uid)
         run = session.scalar(select(TriageRun).where(TriageRun.study_id == study.id, TriageRun.revision == revision))
         now = utcnow()
-        if run is None:  # started by hand (radtriage analyze --flow, tests): record it anyway
+        if run is None:  # the flow was called directly (tests, a notebook), not dispatched: record it anyway
             run = TriageRun(
                 study_id=study.id, revision=revision, last_received_at=study.last_received_at, dispatched_at=now
             )
@@ -64,6 +102,7 @@ def begin_run(rt: Runtime, study_uid: str, revision: int, flow_run_id: str = "")
         entry.updated_at = now
 
 
+@transient_resources
 def plan_models(rt: Runtime, study_uid: str) -> list[PlannedModel]:
     """Every available model whose series rules match a received series of the study."""
     from pipeline.ai.selection import SeriesInfo, select_series
@@ -93,6 +132,7 @@ def plan_models(rt: Runtime, study_uid: str) -> list[PlannedModel]:
     return planned
 
 
+@transient_resources
 def run_inference(
     rt: Runtime, study_uid: str, revision: int, model_name: str, series_uid: str
 ) -> tuple[Path, dict[str, float]]:
@@ -119,6 +159,7 @@ def work_dir(rt: Runtime, study_uid: str, revision: int) -> Path:
     return Path(rt.settings.storage.data_dir) / "work" / study_uid / str(revision)
 
 
+@transient_resources
 def store_results(rt: Runtime, study_uid: str, revision: int, result_path: Path) -> dict[str, object]:
     """Write SEG and TID 1500 SR for a saved result, archive them, record them, queue forwards.
 
@@ -203,6 +244,7 @@ def _key_image(sop_uids: list[str], mask) -> str:
     return sop_uids[int(areas.argmax())] if len(sop_uids) else ""
 
 
+@transient_resources
 def record_failure(rt: Runtime, study_uid: str, revision: int, model_name: str, model_version: str, error: str) -> None:
     """Record that a model could not analyse the study (shown on the worklist)."""
     from pipeline.index.db import session_scope
@@ -212,6 +254,7 @@ def record_failure(rt: Runtime, study_uid: str, revision: int, model_name: str, 
         row.ok, row.error = False, error[:2000]
 
 
+@transient_resources
 def finish_run(
     rt: Runtime, study_uid: str, revision: int, timings: dict[str, float] | None = None
 ) -> dict[str, object]:

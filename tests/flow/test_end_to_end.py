@@ -185,6 +185,7 @@ def test_demo_fills_the_worklist(system):
     )
     assert sent.returncode == 0, sent.stdout + sent.stderr
     assert sent.stdout.count("16/16 images sent") == 2, sent.stdout
+    assert sent.stdout.endswith("analysed.\n"), repr(sent.stdout[-80:])  # the prompt starts on its own line
     new = [s for s in system.worklist() if s["StudyInstanceUID"] not in before]
     assert len(new) == 2
     assert {s["PatientName"] for s in new} and all(s["ai_status"] in ("pending", "running", "done") for s in new)
