@@ -29,6 +29,8 @@ from tests.core.conftest import (
     write_config,
 )
 
+pytestmark = pytest.mark.slow  # a receiver on loopback and dcmtk peers
+
 
 def _count(receiver: Receiver) -> int:
     with session_scope(receiver.archive.session_factory, readonly=True) as session:
@@ -133,6 +135,7 @@ def test_sop_class_mismatch(
 def test_dataset_that_does_not_parse(
     damage: str, receiver: Receiver, study_files: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+
     body = dataset_bytes(study_files[0])
     if damage == "garbage":
         body = body[:200] + bytes(range(256)) * 8 + body[-64:]

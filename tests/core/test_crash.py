@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from sqlalchemy import func, select
 
@@ -15,6 +16,8 @@ from pipeline.index.db import create_index_engine, session_scope
 from pipeline.index.schema import Instance, Study, StudyState
 from pipeline.lab.synth import synth_study
 from tests.core.conftest import ENV, HOST, ServeProcess, dataset_bytes, echoscu, write_config
+
+pytestmark = pytest.mark.slow  # radtriage serve, killed mid-send
 
 
 def _acknowledged(storescu_output: str) -> list[str]:

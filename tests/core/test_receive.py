@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
 from pipeline.index.db import session_scope
 from pipeline.index.schema import Instance, Series, SeriesOrigin, Study, StudyState
 from tests.core.conftest import ENV, ROOT, Receiver, dataset_bytes, echoscu, statuses, storescu
+
+pytestmark = pytest.mark.slow  # a receiver on loopback and dcmtk peers
 
 
 def test_echo(receiver: Receiver) -> None:

@@ -80,6 +80,7 @@ def test_synth_takes_a_volume_generator(tmp_path: Path) -> None:
     assert np.all(hu[10:14, 10:14] == 70.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_serve_stops_cleanly(sig: int, tmp_path: Path) -> None:
     server = ServeProcess(write_config(tmp_path / "c.toml", tmp_path / "data")).start()
@@ -90,6 +91,7 @@ def test_serve_stops_cleanly(sig: int, tmp_path: Path) -> None:
     assert "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_bad_config_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[dicom]\nport = "eleven"\n')

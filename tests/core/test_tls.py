@@ -16,6 +16,8 @@ from pipeline.index.db import migrate, session_scope
 from pipeline.index.schema import Instance
 from tests.core.conftest import HOST, require_tool, statuses, storescu
 
+pytestmark = pytest.mark.slow  # a TLS receiver and dcmtk peers
+
 
 def _openssl(*args: str, cwd: Path) -> None:
     done = subprocess.run([require_tool("openssl"), *args], cwd=cwd, capture_output=True, text=True)

@@ -24,6 +24,8 @@ from pydicom.uid import (
 
 from tests.core.conftest import ENV, Receiver, dataset_bytes, require_tool, statuses, storescu
 
+pytestmark = pytest.mark.slow  # a receiver on loopback and dcmtk peers
+
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -85,6 +87,7 @@ PROPOSE = {
 def test_transfer_syntax_stored_as_received(
     syntax: str, source: dict[str, Path], receiver: Receiver, tmp_path: Path
 ) -> None:
+
     kind, make = MAKERS[syntax]
     sent = tmp_path / "sent.dcm"
     make(source[kind], sent)

@@ -28,6 +28,8 @@ from pipeline.index.db import migrate
 
 from .conftest import HOST, make_settings
 
+pytestmark = pytest.mark.slow  # a receiver on loopback
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

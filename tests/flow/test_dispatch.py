@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 from sqlalchemy import delete, select
 
 from pipeline.index.db import session_scope
@@ -14,6 +15,8 @@ from pipeline.index.triage import TriageRun
 from pipeline.lab.synth import synth_study
 from pipeline.triage.runtime import Runtime
 from pipeline.triage.stability import sweep_once
+
+pytestmark = pytest.mark.slow  # a Prefect server
 
 
 def _eventually(attempt, timeout: float = 30.0):

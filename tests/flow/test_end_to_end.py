@@ -19,7 +19,7 @@ from tests.peers.radtriage import RadtriageServer
 from tests.results.dicomtools import dciodvfy
 
 SLICES = 24
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # radtriage serve, Prefect, Orthanc
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,15 @@ import threading
 from pathlib import Path
 
 import prefect
+import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.settings import get_current_settings
 
 from flows.engine import PREFECT_VERSION, apply_deployment, claim_flow_run, run_flow_run, use_api_url
 from pipeline.triage.prefect_server import LocalPrefectServer
+
+pytestmark = pytest.mark.slow  # a Prefect server
 
 ROOT = Path(__file__).resolve().parents[2]
 

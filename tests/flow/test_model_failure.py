@@ -8,12 +8,15 @@ import shutil
 from pathlib import Path
 
 import pydicom
+import pytest
 import torch
 
 from pipeline.index.db import session_scope
 from pipeline.lab.synth import synth_study
 from pipeline.triage.runtime import Runtime, set_runtime
 from pipeline.web.worklist import list_worklist
+
+pytestmark = pytest.mark.slow  # a Prefect server and a model
 
 REPO = Path(__file__).resolve().parents[2]
 CRASH = "model crash on this input"

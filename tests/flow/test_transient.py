@@ -67,6 +67,7 @@ def test_a_full_disk_is_a_transient_error_and_other_os_errors_are_not() -> None:
         steps.transient_resources(missing)()
 
 
+@pytest.mark.slow
 def test_the_flow_retries_while_the_index_is_locked_and_the_study_is_not_failed(
     prefect_server, flow_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,12 +8,15 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pydicom
+import pytest
 
 from pipeline.forward import Forwarder, deliver_due, enqueue_forwards, list_jobs
 from pipeline.index.db import session_scope
 from pipeline.index.schema import utcnow
 from pipeline.index.triage import ForwardState
 from tests.peers.orthanc import LOOPBACK, OrthancPeer
+
+pytestmark = pytest.mark.slow  # Orthanc and hung nodes
 
 
 def node(peer: OrthancPeer, kinds: tuple[str, ...] = ("SEG", "SR")) -> dict[str, object]:

@@ -6,6 +6,7 @@ import re
 import time
 
 import httpx
+import pytest
 from fastapi.routing import APIRoute
 
 from pipeline.index.db import session_scope
@@ -13,6 +14,8 @@ from pipeline.web import api, pages
 from pipeline.web.auth import Authenticator, LockedOut, create_user
 
 from .conftest import MAX_FAILURES, PASSWORD, WebEnv
+
+pytestmark = pytest.mark.slow  # the web server
 
 PUBLIC = {"/login", "/health"}
 

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from PIL import Image
 
 from pipeline.index.triage import AIStatus
 
 from .conftest import WebEnv, login
 from .seed import SHAPE, seed_study
+
+pytestmark = pytest.mark.slow  # the web server and Chromium
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -22,6 +22,8 @@ from pipeline.web import WebServer
 
 from .conftest import WebEnv
 
+pytestmark = pytest.mark.slow  # the web server and the CLI
+
 REPO = Path(__file__).resolve().parents[2]
 
 

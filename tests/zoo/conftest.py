@@ -16,9 +16,11 @@ MODELS = ROOT / "models"
 REFERENCE = MODELS / "head_ct_hemorrhage"
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def atlas() -> Path:
-    """The real head-CT atlas; fetched with the project's own script when the cache lacks it."""
+    """The real head-CT atlas; fetched with the project's own script when the cache lacks it.
+
+    Only the tests that build phantoms ask for it: validating a spec downloads nothing."""
     path = cached_path(HEAD_CT_ATLAS)
     if not path.is_file():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_data.py")], check=True)

@@ -8,6 +8,8 @@ import pytest
 
 from pipeline.lab.evaluate import _best_threshold, _rates
 
+pytestmark = pytest.mark.usefixtures("atlas")  # the real head-CT atlas the phantom is made of
+
 
 def test_the_threshold_separates_and_sits_in_the_middle_of_the_widest_gap() -> None:
     volumes = [(False, 0.0), (False, 0.4), (False, 1.0), (True, 4.0), (True, 9.0), (True, 30.0)]

@@ -12,6 +12,8 @@ from pipeline.cli import main
 
 from .conftest import REFERENCE
 
+pytestmark = [pytest.mark.usefixtures("atlas"), pytest.mark.slow]  # radtriage synth + analyze as processes
+
 
 @pytest.fixture
 def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

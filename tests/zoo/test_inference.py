@@ -21,6 +21,8 @@ from .dicom import write_series
 from .test_volume import _rotation
 from .tiny_bundle import BONE_HU, make_tiny_bundle
 
+pytestmark = pytest.mark.usefixtures("atlas")  # the real head-CT atlas the phantom is made of
+
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * float((a & b).sum()) / float(a.sum() + b.sum())

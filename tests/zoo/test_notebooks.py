@@ -10,6 +10,8 @@ from pipeline.lab.notebook import execute_notebook
 
 from .conftest import MODELS, ROOT
 
+pytestmark = [pytest.mark.usefixtures("atlas"), pytest.mark.slow]  # notebooks, top to bottom
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 EXPECTED = {
     "01_train_head_ct_hemorrhage.ipynb": ["saved ", "model.pt", "study-level sensitivity"],

@@ -9,6 +9,8 @@ from scipy import ndimage as ndi
 from pipeline.lab.phantom.generator import make_head_case, make_head_ct
 from pipeline.lab.phantom.lesions import BleedKind
 
+pytestmark = pytest.mark.usefixtures("atlas")  # the real head-CT atlas the phantom is made of
+
 SMALL = dict(rows=160, columns=160, pixel_spacing=1.5, slice_thickness=5.0)
 
 

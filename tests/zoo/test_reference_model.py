@@ -14,6 +14,8 @@ from pipeline.ai.findings import Priority
 from pipeline.ai.inference import run_model
 from pipeline.lab.phantom.generator import case_volume, make_head_case
 
+pytestmark = pytest.mark.usefixtures("atlas")  # the real head-CT atlas the phantom is made of
+
 GEOMETRY = dict(rows=256, columns=256, pixel_spacing=0.9, slice_thickness=5.0)
 WHOLE, PARTIAL = None, 24  # slices: the whole head, or 120 mm of it around its centre
 CASES = [
