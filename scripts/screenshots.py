@@ -16,18 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.peers.chromium import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 from tests.peers.radtriage import RadtriageServer  # noqa: E402
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def main() -> int:
@@ -48,7 +38,7 @@ def main() -> int:
         )
         top = studies[0]["StudyInstanceUID"]
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(
                 viewport={"width": 1280, "height": 800}, base_url=f"http://127.0.0.1:{server.web_port}"
             )

@@ -1,7 +1,11 @@
-"""The ``radtriage`` command line.
+"""The ``radtriage`` command line: the top of the layers.
 
 Each module in this package that defines ``register(subparsers)`` adds one or more
-subcommands; a subcommand's handler is ``func(args, settings) -> int``.
+subcommands; a subcommand's handler is ``func(args, settings) -> int``. :mod:`.serve`
+and :mod:`.worker` compose the process (which components run, how they wake each
+other); ``synth`` and ``demo`` use :mod:`pipeline.lab`, the server never does.
+
+May import anything: ``flows/`` and every core package.
 """
 
 from __future__ import annotations

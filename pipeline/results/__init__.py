@@ -10,6 +10,8 @@ The triage flow calls, for one model's :class:`pipeline.ai.findings.ModelResult`
 
 ``images`` may be headers read with ``stop_before_pixels=True``. Both objects are
 pydicom Datasets ready for ``save_as`` or C-STORE.
+
+May import: :mod:`pipeline.errors`, :mod:`pipeline.config`, :mod:`pipeline.ai.findings`.
 """
 
 from pipeline.results.seg import build_seg, segment_tracking_uid

@@ -14,20 +14,10 @@ from pipeline.index.db import migrate, session_scope
 from pipeline.index.triage import AIStatus
 from pipeline.web import WebServer
 from pipeline.web.auth import create_user
+from tests.peers.chromium import CHROMIUM, CHROMIUM_ARGS
 
 from .seed import Seeded, seed_study
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PASSWORD = "correct horse battery"
 MAX_FAILURES = 3
 
