@@ -54,7 +54,8 @@ class DicomSettings(_Section):
     )
     max_pdu_size: int = Field(4_194_304, ge=0)
     network_timeout_seconds: float = Field(60.0, gt=0)
-    # Known peers for C-MOVE destinations: AE title -> "host:port"
+    # Known DICOM nodes, AE title -> "host:port". Nothing reads it yet: Query/Retrieve will
+    # look up C-MOVE destinations here.
     peers: dict[str, str] = Field(default_factory=dict)
     tls: TLSSettings = Field(default_factory=TLSSettings)
 
