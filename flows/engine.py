@@ -69,11 +69,15 @@ def run_flow_run(flow: Flow[..., Any], flow_run: FlowRun) -> State[Any]:
     return run_flow(flow, flow_run=flow_run, return_type="state")  # type: ignore[return-value]
 
 
-def use_api_url(url: str) -> None:
+def use_api_url(url: str, *, auth_string: str | None = None) -> None:
     """Point this process's Prefect client, in every thread, at ``url``.
 
     Prefect reads its settings at import; the embedded server's URL is known only once
     it runs, so the global settings context is rebuilt from the environment.
+    ``auth_string`` (``user:secret``) is what the server's API requires, sent as HTTP
+    Basic by every client of this process; ``None`` keeps what the environment says.
     """
     os.environ["PREFECT_API_URL"] = url
+    if auth_string is not None:
+        os.environ["PREFECT_API_AUTH_STRING"] = auth_string
     refresh_global_settings_context()

@@ -17,7 +17,7 @@ from uuid import UUID
 from flows.engine import use_api_url
 from pipeline.config import Settings
 from pipeline.triage.dispatch import Dispatcher, recover_interrupted
-from pipeline.triage.prefect_server import LocalPrefectServer
+from pipeline.triage.prefect_server import AUTH_FILE, LocalPrefectServer, load_auth_string
 from pipeline.triage.runtime import Runtime, set_runtime
 
 log = logging.getLogger(__name__)
@@ -104,16 +104,26 @@ class TriageOrchestration:
 
 
 class EmbeddedPrefect:
-    """A local Prefect server for one-machine installs, when ``PREFECT_API_URL`` is unset."""
+    """A local Prefect server for one-machine installs, when ``PREFECT_API_URL`` is unset.
+
+    Its API requires the auth string kept in ``<home>/api-auth`` (see
+    :mod:`pipeline.triage.prefect_server`); this process's client sends it.
+    """
 
     name = "embedded Prefect server"
 
     def __init__(self, home: Path, port: int, *, task_history: bool = False) -> None:
-        self.server = LocalPrefectServer(home, port or None, ui=True, task_history=task_history)
+        self.server = LocalPrefectServer(
+            home, port or None, ui=True, task_history=task_history, auth_string=load_auth_string(home)
+        )
 
     def start(self) -> None:
-        use_api_url(self.server.start())
-        log.info("Prefect UI at %s", self.server.api_url.removesuffix("/api"))
+        use_api_url(self.server.start(), auth_string=self.server.auth_string)
+        log.info(
+            "Prefect UI at %s (user:password in %s)",
+            self.server.api_url.removesuffix("/api"),
+            self.server.home / AUTH_FILE,
+        )
 
     def stop(self) -> None:
         self.server.stop()

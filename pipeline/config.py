@@ -74,6 +74,8 @@ class DicomSettings(_Section):
 class StorageSettings(_Section):
     data_dir: Path = Path("var/data")
     fsync: bool = True
+    # A group that may read (not write) the data folder; empty: radtriage's user alone.
+    group: str = ""
 
 
 class IndexSettings(_Section):

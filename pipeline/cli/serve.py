@@ -21,12 +21,14 @@ def build_serve(settings: Settings) -> ProcessRunner:
     enabled) the embedded Prefect server and the triage orchestration (deployment,
     dispatcher, in-process worker). The receiver never waits for Prefect.
     """
+    from pipeline.archive.permissions import secure_data_dir
     from pipeline.dicom.receiver import DicomReceiver
     from pipeline.forward import Forwarder
     from pipeline.triage.runtime import Runtime
     from pipeline.triage.stability import StabilitySweeper
     from pipeline.web.server import WebServer
 
+    secure_data_dir(settings.storage.data_dir, settings.storage.group)  # before the index file exists
     runtime = Runtime.from_settings(settings)
     # Only the machine that receives cleans up after a crash of the archive's writer;
     # a worker sharing the archive must not (it would remove files in flight).

@@ -26,6 +26,9 @@ def build_worker(settings: Settings) -> ProcessRunner:
             "radtriage worker needs the shared index: set [index] url (PostgreSQL) or "
             "RADTRIAGE_INDEX__URL; SQLite cannot be shared between machines"
         )
+    # What this worker writes into the shared archive is private too; the receiving
+    # machine, which owns the folder, fixes older files at its start.
+    os.umask(0o027 if settings.storage.group else 0o077)
     runtime = Runtime.from_settings(settings)  # no archive recovery: the receiving machine does that
     return ProcessRunner([triage_orchestration(runtime, dispatch=False)], on_stop=runtime.engine.dispose)
 

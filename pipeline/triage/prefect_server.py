@@ -3,12 +3,19 @@
 ``radtriage serve`` starts one when ``PREFECT_API_URL`` is not set, so that a fresh
 machine needs nothing but ``make run``. It runs ``prefect server start`` as a child
 process (SQLite under ``<data_dir>/prefect``); this module does not import Prefect.
+
+The server listens on 127.0.0.1 only, and its API requires credentials: Prefect's API
+auth string (HTTP Basic ``radtriage:<secret>``), generated once and kept in
+``<data_dir>/prefect/api-auth`` (0600). Without it any local process could create flow
+runs, read their parameters (study UIDs) and the server's settings. Only ``/health``
+answers without it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,8 +31,26 @@ from pipeline.errors import RadtriageError
 log = logging.getLogger(__name__)
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the parent dies, even by ``kill -9`` (Linux)."""
+AUTH_FILE = "api-auth"
+AUTH_USER = "radtriage"
+
+
+def load_auth_string(home: Path) -> str:
+    """The embedded server's ``user:secret``, generated on first use (file mode 0600)."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = home / AUTH_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"{AUTH_USER}:{secrets.token_urlsafe(32)}\n")
+    return path.read_text().strip()
+
+
+def _child_setup() -> None:
+    """In the child: private files, and SIGTERM when the parent dies (even ``kill -9``)."""
+    os.umask(0o077)  # prefect.db and its logs: radtriage's user alone
     try:
         import ctypes
 
@@ -61,6 +86,9 @@ class LocalPrefectServer:
         TCP port; a free one when omitted.
     ui
         Serve the Prefect UI too (useful for ``make run``, not for tests).
+    auth_string
+        ``user:secret`` the API requires (HTTP Basic); ``None`` leaves it open (only for
+        a throwaway server that nothing else can reach).
     task_history
         Record task runs (Prefect's task-run recorder service). On this server's SQLite
         database its batched writes hold the write lock long enough to stall the next
@@ -69,11 +97,20 @@ class LocalPrefectServer:
         and logs are recorded either way.
     """
 
-    def __init__(self, home: Path, port: int | None = None, *, ui: bool = True, task_history: bool = True) -> None:
+    def __init__(
+        self,
+        home: Path,
+        port: int | None = None,
+        *,
+        ui: bool = True,
+        task_history: bool = True,
+        auth_string: str | None = None,
+    ) -> None:
         self.home = Path(home)
         self.port = port or free_port()
         self.ui = ui
         self.task_history = task_history
+        self.auth_string = auth_string
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -93,11 +130,14 @@ class LocalPrefectServer:
             PREFECT_LOGGING_LEVEL="WARNING",
             PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED="true" if self.task_history else "false",
         )
+        env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
+        if self.auth_string:
+            env["PREFECT_SERVER_API_AUTH_STRING"] = self.auth_string
         return env
 
     def start(self, timeout: float = 90.0) -> str:
         """Start the server and wait until its API is healthy; return the API URL."""
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
         if prefect is None:
             raise RadtriageError("the `prefect` command is not installed: run `make run` to set up .venv")
@@ -111,7 +151,7 @@ class LocalPrefectServer:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             # A server orphaned by a crashed radtriage would hold the port on the next start.
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_child_setup if sys.platform.startswith("linux") else None,
         )
         log_file.close()
         deadline = time.monotonic() + timeout

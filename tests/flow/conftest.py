@@ -12,15 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.triage.prefect_server import LocalPrefectServer
+from pipeline.triage.prefect_server import LocalPrefectServer, load_auth_string
 
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPrefectServer]:
-    server = LocalPrefectServer(tmp_path_factory.mktemp("prefect-home"), ui=False)
+    home = tmp_path_factory.mktemp("prefect-home")
+    # With an API auth string, as radtriage serve runs its embedded server.
+    server = LocalPrefectServer(home, ui=False, auth_string=load_auth_string(home))
     from flows.engine import use_api_url
 
-    use_api_url(server.start())
+    use_api_url(server.start(), auth_string=server.auth_string)
     yield server
     server.stop()
 
