@@ -138,6 +138,32 @@ class WebSettings(_Section):
     secret_key: str = ""  # empty: generated once and kept in <data_dir>/web_secret
     login_max_failures: int = Field(5, ge=1)
     login_lockout_seconds: float = Field(300.0, gt=0)
+    # Each further failure doubles the lockout, up to this; failures are remembered this long.
+    login_lockout_max_seconds: float = Field(3600.0, gt=0)
+    # A right HTTP Basic password is remembered (as a keyed hash) this long: no argon2 per request.
+    basic_auth_cache_seconds: float = Field(60.0, ge=0)
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks).
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # Serve HTTPS directly (PEM files); both or neither (checked when the web app starts).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    request_header_timeout_seconds: float = Field(10.0, gt=0)
+    request_body_timeout_seconds: float = Field(30.0, gt=0)
+    max_header_bytes: int = Field(16_384, ge=1024)
+    max_connections: int = Field(1000, ge=1)
+    max_connections_per_client: int = Field(64, ge=1)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+        return [entry.strip() for entry in value]
 
 
 class Settings(BaseSettings):

@@ -17,7 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Create, list and disable users of the worklist web app.",
     )
     sub = parser.add_subparsers(dest="user_command", required=True, metavar="ACTION")
-    add = sub.add_parser("add", help="create a user, or set a new password and role for an existing one")
+    add = sub.add_parser(
+        "add",
+        help="create a user, or set a new password and role for an existing one (ending their open sessions)",
+    )
     add.add_argument("name", help="user name (no spaces)")
     add.add_argument(
         "--role",
@@ -61,8 +64,9 @@ def add_user(args: argparse.Namespace, settings: Settings) -> int:
 
     password = _read_password(args.password_stdin)
     with session_scope(_factory(settings)) as session:
+        # create_user also ends every session opened with the old password.
         user = create_user(session, args.name, password, args.role)
-        print(f"user {user.username} ({user.role.value}) saved")
+        print(f"user {user.username} ({user.role.value}) saved; any open sessions of theirs are ended")
     return 0
 
 
@@ -80,16 +84,17 @@ def list_users(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def disable_user(args: argparse.Namespace, settings: Settings) -> int:
-    from sqlalchemy import delete, select
+    from sqlalchemy import select
 
-    from pipeline.index.accounts import User, WebSession
+    from pipeline.index.accounts import User
     from pipeline.index.db import session_scope
+    from pipeline.web.auth import end_sessions
 
     with session_scope(_factory(settings)) as session:
         user = session.scalar(select(User).where(User.username == args.name))
         if user is None:
             raise RadtriageError(f"no user {args.name}; see radtriage user list")
         user.active = False
-        session.execute(delete(WebSession).where(WebSession.user_id == user.id))
+        end_sessions(session, user.id)
     print(f"user {args.name} disabled")
     return 0

@@ -14,9 +14,18 @@ from pipeline.index.db import session_scope
 from pipeline.index.triage import AIStatus
 from pipeline.web.auth import AuthUser, csrf_ok
 from pipeline.web.context import WebContext
-from pipeline.web.worklist import StudyNotFound, get_worklist_item, list_worklist, read_action, set_read
+from pipeline.web.worklist import (
+    BadSearch,
+    StudyNotFound,
+    check_search,
+    get_worklist_item,
+    list_worklist,
+    read_action,
+    set_read,
+)
 
 router = APIRouter()
+MAX_MODALITY_CHARS = 16  # a DICOM CS value
 
 
 def _ctx(request: Request) -> WebContext:
@@ -51,8 +60,8 @@ def api_worklist(
     """The worklist, most urgent first: ``{"generated_at", "count", "studies": [...]}``.
 
     Filters: ``status`` (pending|running|done|failed), ``priority``
-    (critical|urgent|routine), ``modality``, ``q`` (name, ID or accession), ``read``
-    (true|false).
+    (critical|urgent|routine), ``modality``, ``q`` (name, ID or accession; at most 8
+    words, 128 characters), ``read`` (true|false). A bad filter is answered 400.
     """
     if status and status not in {s.value for s in AIStatus}:
         return _error(400, f"status must be one of {', '.join(s.value for s in AIStatus)}")
@@ -60,13 +69,19 @@ def api_worklist(
         return _error(400, f"priority must be one of {', '.join(p.value for p in Priority)}")
     if read not in ("", "true", "false"):
         return _error(400, "read must be true or false")
+    if len(modality) > MAX_MODALITY_CHARS:
+        return _error(400, f"modality must be at most {MAX_MODALITY_CHARS} characters (e.g. CT)")
+    try:
+        search = check_search(q)
+    except BadSearch as err:
+        return _error(400, str(err))
     with session_scope(_ctx(request).session_factory, readonly=True) as session:
         items = list_worklist(
             session,
             status=status or None,
             priority=priority or None,
             modality=modality or None,
-            search=q or None,
+            search=search or None,
             read={"true": True, "false": False}.get(read),
             limit=max(1, min(limit, 10_000)),
         )

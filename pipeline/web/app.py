@@ -4,6 +4,11 @@ Every path except ``/login``, ``/health`` and ``/static/`` needs a login: a sess
 cookie (pages and API) or HTTP Basic (API only). Pages without a login redirect to
 ``/login``; API paths answer 401. Every request but static files and health checks is
 written to the audit log with the user, address, path and answer.
+
+A failure inside a handler is answered ``500`` with a request id (also sent as
+``X-Request-ID``), audited as ``server error``, and logged with that id, the exception
+type and the code locations only: never the exception's message or the query, which may
+hold patient names (an SQL error quotes the search terms).
 """
 
 from __future__ import annotations
@@ -11,13 +16,15 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import secrets
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,6 +40,13 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 PUBLIC_PATHS = {"/login", "/health", "/favicon.ico"}
+# Only this server's own files run or style a page: an injected <script> or inline
+# handler does nothing. (study.html's slice list is a JSON data block, not a script.)
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
+HSTS = "max-age=31536000"
 
 
 def _client(request: Request) -> str:
@@ -83,7 +97,7 @@ def _authenticate(ctx: WebContext, request: Request) -> tuple[AuthUser | None, R
                 name, password = "", ""
             try:
                 with session_scope(ctx.session_factory) as session:
-                    user = ctx.authenticator.verify(session, name, password, _client(request))
+                    user = ctx.authenticator.verify(session, name, password, _client(request), cached=True)
             except LockedOut as err:
                 request.state.audit_user = name
                 request.state.audit_action = "login locked out"
@@ -127,7 +141,12 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], archi
         settings=settings,
         session_factory=session_factory,
         archive=archive,
-        authenticator=Authenticator(settings.web.login_max_failures, settings.web.login_lockout_seconds),
+        authenticator=Authenticator(
+            settings.web.login_max_failures,
+            settings.web.login_lockout_seconds,
+            max_lockout_seconds=settings.web.login_lockout_max_seconds,
+            cache_seconds=settings.web.basic_auth_cache_seconds,
+        ),
         secret=load_secret(settings),
         renderer=SliceRenderer(archive.path_of),
         templates=templates,
@@ -143,38 +162,80 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], archi
         path = request.url.path
         quiet = path.startswith("/static/") or path in ("/health", "/favicon.ico")
         request.state.user = None
-        if not (quiet or path in PUBLIC_PATHS):
-            user, refusal = await run_in_threadpool(_authenticate, ctx, request)
-            if refusal is not None:
-                await run_in_threadpool(
-                    ctx.audit,
-                    username=getattr(request.state, "audit_user", ""),
-                    remote_addr=_client(request),
-                    method=request.method,
-                    path=path,
-                    status_code=refusal.status_code,
-                    action=getattr(request.state, "audit_action", "refused: no login"),
-                )
-                return refusal
-            request.state.user = user
-        response: Response = await call_next(request)
+        request.state.request_id = request_id = secrets.token_hex(8)
+        try:
+            response = await _login_then_handle(ctx, request, call_next, quiet)
+        except Exception as err:  # noqa: BLE001 - answered 500, audited and logged without data
+            response = await _server_error(ctx, request, err)
+        response.headers["X-Request-ID"] = request_id
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("Referrer-Policy", "same-origin")
+        if request.url.scheme == "https":
+            response.headers.setdefault("Strict-Transport-Security", HSTS)
         if not path.startswith("/static/"):
             response.headers.setdefault("Cache-Control", "no-store")
-        if not quiet:
-            user = request.state.user
-            await run_in_threadpool(
-                ctx.audit,
-                username=user.username if user else getattr(request.state, "audit_user", ""),
-                remote_addr=_client(request),
-                method=request.method,
-                path=path + (f"?{request.url.query}" if request.url.query else ""),
-                status_code=response.status_code,
-                action=getattr(request.state, "audit_action", ""),
-                study_uid=getattr(request.state, "audit_study", ""),
-            )
         return response
 
     return app
+
+
+async def _login_then_handle(ctx: WebContext, request: Request, call_next: Any, quiet: bool) -> Response:
+    path = request.url.path
+    if not (quiet or path in PUBLIC_PATHS):
+        user, refusal = await run_in_threadpool(_authenticate, ctx, request)
+        if refusal is not None:
+            await run_in_threadpool(
+                ctx.audit,
+                username=getattr(request.state, "audit_user", ""),
+                remote_addr=_client(request),
+                method=request.method,
+                path=path,
+                status_code=refusal.status_code,
+                action=getattr(request.state, "audit_action", "refused: no login"),
+            )
+            return refusal
+        request.state.user = user
+    response: Response = await call_next(request)
+    if not quiet:
+        await run_in_threadpool(_audit_request, ctx, request, response.status_code)
+    return response
+
+
+def _audit_request(ctx: WebContext, request: Request, status_code: int, detail: str = "") -> None:
+    user = request.state.user
+    ctx.audit(
+        username=user.username if user else getattr(request.state, "audit_user", ""),
+        remote_addr=_client(request),
+        method=request.method,
+        path=request.url.path + (f"?{request.url.query}" if request.url.query else ""),
+        status_code=status_code,
+        action=getattr(request.state, "audit_action", ""),
+        study_uid=getattr(request.state, "audit_study", ""),
+        detail=detail,
+    )
+
+
+async def _server_error(ctx: WebContext, request: Request, err: Exception) -> Response:
+    """500 with the request id; logged and audited without the message (it may quote patient data)."""
+    request_id = request.state.request_id
+    route = getattr(request.scope.get("route"), "path", "") or "(no route)"
+    where = "".join(traceback.format_list(traceback.extract_tb(err.__traceback__)))
+    log.error(
+        "request %s failed: %s %s raised %s\n%s",
+        request_id,
+        request.method,
+        route,
+        type(err).__name__,
+        where.rstrip(),
+    )
+    request.state.audit_action = "server error"
+    try:
+        await run_in_threadpool(_audit_request, ctx, request, 500, f"{type(err).__name__}; request {request_id}")
+    except Exception:  # noqa: BLE001 - ctx.audit logs its own failures; nothing more to do
+        pass
+    message = f"internal error (request {request_id}); the administrator can look it up in the log"
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"detail": message, "request_id": request_id}, status_code=500)
+    return PlainTextResponse(message, status_code=500)

@@ -2,10 +2,16 @@
 
 Passwords are hashed with argon2id (argon2-cffi defaults). A login creates a server-side
 session (a row in ``web_session``); the browser holds a random token in an HttpOnly
-cookie and the index holds only its SHA-256 digest. The JSON API also accepts HTTP
-Basic. After ``[web] login_max_failures`` wrong passwords for one name (or four times as
-many from one address) within ``login_lockout_seconds``, further attempts are refused
-until the window has passed, even with the right password.
+cookie and the index holds only its SHA-256 digest. Setting a user's password (again)
+ends their sessions. The JSON API also accepts HTTP Basic; a right name and password is
+remembered for ``[web] basic_auth_cache_seconds`` as an HMAC under a per-process random
+key (never the password), so a polling program costs one argon2 hash, not one a request.
+
+Failed logins slow the attacker without locking the real user out: after ``[web]
+login_max_failures`` wrong passwords for one name *from one address* (or four times as
+many, any names, from one address) further attempts from there are refused for
+``login_lockout_seconds``, doubling with each failure after that up to
+``login_lockout_max_seconds``. The same name from another address is not refused.
 """
 
 from __future__ import annotations
@@ -15,13 +21,16 @@ import hmac
 import logging
 import os
 import secrets
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import delete, func, select
+from sqlalchemy import and_, delete, func, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import Settings
@@ -32,13 +41,16 @@ from pipeline.index.schema import utcnow
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "radtriage_session"
+# Holds a random nonce before login; the login form echoes an HMAC of it (login CSRF).
+LOGIN_COOKIE = "radtriage_login"
 SESSION_LIFETIME = timedelta(hours=12)
 SESSION_IDLE = timedelta(hours=2)
 _TOUCH_EVERY = timedelta(minutes=1)
 MIN_PASSWORD_LENGTH = 8
-# One address may fail this many times more than one name: an office behind one NAT
-# address must not lock everyone out after one person's typos.
+# One address may fail this many times more than one name from it: an office behind one
+# NAT address must not lock everyone out after one person's typos.
 ADDRESS_FACTOR = 4
+CACHE_ENTRIES = 1024
 
 _hasher = PasswordHasher()
 # Verified against when the user does not exist, so that a wrong name costs as long as a wrong password.
@@ -97,42 +109,152 @@ def create_user(session: Session, username: str, password: str, role: Role | str
         user.password_hash = hash_password(password)
         user.role = role
         user.active = True
+        # A new password ends every login made with the old one (a stolen cookie too).
+        ended = end_sessions(session, user.id)
+        if ended:
+            log.info("password of %s set: %d open session(s) ended", username, ended)
     session.flush()
     return user
+
+
+def end_sessions(session: Session, user_id: int) -> int:
+    """Log the user out everywhere; returns how many sessions were open."""
+    result = session.execute(delete(WebSession).where(WebSession.user_id == user_id))
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class Authenticator:
-    """Checks passwords against the index, applying the failed-login limit."""
+@dataclass(frozen=True)
+class _Verified:
+    user_id: int
+    password_hash: str  # the hash it was verified against: a new password no longer matches
+    until: float  # time.monotonic()
 
-    def __init__(self, max_failures: int, lockout_seconds: float) -> None:
+
+class CredentialCache:
+    """Name + password pairs verified lately, keyed by an HMAC under a per-process random key.
+
+    Neither the password nor a hash anyone could test guesses against leaves the process.
+    A hit is only used while the user's stored hash is still the one it was verified
+    against and the user is active (checked by :meth:`Authenticator.verify`), so a new
+    password or ``radtriage user disable`` in another process takes effect at once.
+    """
+
+    def __init__(self, seconds: float, entries: int = CACHE_ENTRIES) -> None:
+        self.seconds = seconds
+        self.entries = entries
+        self._key = secrets.token_bytes(32)
+        self._items: OrderedDict[bytes, _Verified] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _key_of(self, username: str, password: str) -> bytes:
+        data = username.encode("utf-8", "surrogatepass") + b"\0" + password.encode("utf-8", "surrogatepass")
+        return hmac.new(self._key, data, hashlib.sha256).digest()
+
+    def get(self, username: str, password: str) -> _Verified | None:
+        if self.seconds <= 0:
+            return None
+        key = self._key_of(username, password)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None and hit.until <= time.monotonic():
+                del self._items[key]
+                hit = None
+            return hit
+
+    def put(self, username: str, password: str, user_id: int, password_hash: str) -> None:
+        if self.seconds <= 0:
+            return
+        key = self._key_of(username, password)
+        with self._lock:
+            self._items[key] = _Verified(user_id, password_hash, time.monotonic() + self.seconds)
+            self._items.move_to_end(key)
+            while len(self._items) > self.entries:
+                self._items.popitem(last=False)
+
+    def forget(self, user_id: int) -> None:
+        """Drop every entry of the user (password changed, user disabled)."""
+        with self._lock:
+            for key in [k for k, v in self._items.items() if v.user_id == user_id]:
+                del self._items[key]
+
+
+class Authenticator:
+    """Checks passwords against the index, applying the failed-login limit.
+
+    Parameters
+    ----------
+    max_failures, lockout_seconds
+        Wrong passwords for one name from one address before that pair is refused, and
+        for how long (after the latest failure); four times as many from one address
+        refuse the address.
+    max_lockout_seconds
+        Each failure past the limit doubles the lockout, up to this; failures are
+        remembered this long.
+    cache_seconds
+        How long a right HTTP Basic name and password is remembered (0: never).
+    """
+
+    def __init__(
+        self,
+        max_failures: int,
+        lockout_seconds: float,
+        *,
+        max_lockout_seconds: float = 3600.0,
+        cache_seconds: float = 0.0,
+    ) -> None:
         self.max_failures = max_failures
-        self.window = timedelta(seconds=lockout_seconds)
+        self.lockout_seconds = lockout_seconds
+        self.max_lockout_seconds = max(max_lockout_seconds, lockout_seconds)
+        self.memory = timedelta(seconds=self.max_lockout_seconds)
+        self.cache = CredentialCache(cache_seconds)
+        self.hash_verifications = 0  # argon2 verifications done (a cache hit does none)
+        self._count_lock = threading.Lock()
+
+    def lockout_for(self, failures: int, limit: int) -> float:
+        """Seconds refused after the latest of ``failures`` (``>= limit``) failures."""
+        return min(self.lockout_seconds * 2.0 ** min(failures - limit, 40), self.max_lockout_seconds)
 
     def check_lockout(self, session: Session, username: str, remote_addr: str) -> None:
-        """Raise :class:`LockedOut` when the name or the address has too many recent failures."""
+        """Raise :class:`LockedOut` when this name from this address, or this address, failed too often."""
         now = utcnow()
-        since = now - self.window
+        since = now - self.memory
         limits = (
-            (LoginFailure.username, username, self.max_failures),
-            (LoginFailure.remote_addr, remote_addr, self.max_failures * ADDRESS_FACTOR),
+            (and_(LoginFailure.username == username, LoginFailure.remote_addr == remote_addr), self.max_failures),
+            (LoginFailure.remote_addr == remote_addr, self.max_failures * ADDRESS_FACTOR),
         )
-        for column, value, limit in limits:
+        for where, limit in limits:
             recent = session.scalars(
                 select(LoginFailure.at)
-                .where(column == value, LoginFailure.at > since)
+                .where(where, LoginFailure.at > since)
                 .order_by(LoginFailure.at.desc())
-                .limit(limit)
+                .limit(limit + 41)  # enough to reach the longest lockout
             ).all()
             if len(recent) >= limit:
-                # Refused until the limit-th most recent failure leaves the window.
-                raise LockedOut((recent[-1] + self.window - now).total_seconds())
+                until = recent[0] + timedelta(seconds=self.lockout_for(len(recent), limit))
+                if until > now:
+                    raise LockedOut((until - now).total_seconds())
 
-    def verify(self, session: Session, username: str, password: str, remote_addr: str) -> AuthUser | None:
+    def _hash_matches(self, password_hash: str, password: str) -> bool:
+        with self._count_lock:
+            self.hash_verifications += 1
+        try:
+            return bool(_hasher.verify(password_hash, password))
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+
+    def verify(
+        self, session: Session, username: str, password: str, remote_addr: str, *, cached: bool = False
+    ) -> AuthUser | None:
         """The user when name and password match, else ``None`` (and the failure is recorded).
+
+        Parameters
+        ----------
+        cached
+            Use (and fill) the credential cache: for HTTP Basic, sent with every request.
 
         Raises
         ------
@@ -140,27 +262,37 @@ class Authenticator:
             Before checking anything, when the limit is reached.
         """
         username = username.strip()[:64]
+        remote_addr = remote_addr[:64]
         self.check_lockout(session, username, remote_addr)
+        if cached and (hit := self.cache.get(username, password)) is not None:
+            known = session.get(User, hit.user_id)
+            if (
+                known is not None
+                and known.active
+                and known.username == username
+                and hmac.compare_digest(known.password_hash, hit.password_hash)
+            ):
+                return AuthUser(known.id, known.username, known.role)
+            self.cache.forget(hit.user_id)
         user = session.scalar(select(User).where(User.username == username))
-        ok = False
-        try:
-            ok = _hasher.verify(user.password_hash if user is not None and user.active else _DUMMY_HASH, password)
-        except (VerifyMismatchError, VerificationError, InvalidHashError):
-            ok = False
+        ok = self._hash_matches(user.password_hash if user is not None and user.active else _DUMMY_HASH, password)
         if not ok or user is None or not user.active:
-            session.add(LoginFailure(username=username, remote_addr=remote_addr[:64], at=utcnow()))
+            session.add(LoginFailure(username=username, remote_addr=remote_addr, at=utcnow()))
             session.flush()
             log.warning("failed login for %r from %s", username, remote_addr)
             return None
         if _hasher.check_needs_rehash(user.password_hash):
             user.password_hash = hash_password(password)
-        # A success clears this name's failures, not the address's (one attacker, many names).
-        session.execute(delete(LoginFailure).where(LoginFailure.username == username))
+        # A success clears this name's failures from this address only: not an attacker's elsewhere.
+        session.execute(
+            delete(LoginFailure).where(LoginFailure.username == username, LoginFailure.remote_addr == remote_addr)
+        )
         user.last_login_at = utcnow()
+        if cached:
+            self.cache.put(username, password, user.id, user.password_hash)
         return AuthUser(user.id, user.username, user.role)
 
-    @staticmethod
-    def open_session(session: Session, user: AuthUser, remote_addr: str) -> str:
+    def open_session(self, session: Session, user: AuthUser, remote_addr: str) -> str:
         """Start a login session; returns the token for the cookie."""
         token = secrets.token_urlsafe(32)
         now = utcnow()
@@ -174,8 +306,9 @@ class Authenticator:
                 remote_addr=remote_addr[:64],
             )
         )
-        # Housekeeping: forget sessions that ended long ago.
+        # Housekeeping: forget sessions that ended long ago, and failures no lockout counts.
         session.execute(delete(WebSession).where(WebSession.expires_at < now - SESSION_LIFETIME))
+        session.execute(delete(LoginFailure).where(LoginFailure.at < now - self.memory))
         return token
 
     @staticmethod
@@ -203,6 +336,19 @@ def csrf_token(secret: bytes, session_token: str) -> str:
 
 def csrf_ok(secret: bytes, session_token: str, given: str) -> bool:
     return bool(session_token) and hmac.compare_digest(csrf_token(secret, session_token), given or "")
+
+
+def login_csrf_token(secret: bytes, nonce: str) -> str:
+    """The token the login form echoes back: an HMAC of the pre-login cookie's nonce.
+
+    Without it a page elsewhere could post its own credentials to ``/login`` and log the
+    victim's browser in as the attacker (login CSRF).
+    """
+    return hmac.new(secret, b"login-csrf:" + nonce.encode(), hashlib.sha256).hexdigest()
+
+
+def login_csrf_ok(secret: bytes, nonce: str, given: str) -> bool:
+    return bool(nonce) and hmac.compare_digest(login_csrf_token(secret, nonce), given or "")
 
 
 def load_secret(settings: Settings) -> bytes:

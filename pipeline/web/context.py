@@ -64,8 +64,16 @@ class WebContext:
                         detail=detail,
                     )
                 )
-        except Exception:
-            log.exception("could not write audit record %s %s %s by %s", method, path, status_code, username)
+        except Exception as err:  # noqa: BLE001 - logged, never hidden; the request is answered anyway
+            # Not the query nor the error's text: either may quote patient data.
+            log.error(
+                "could not write audit record %s %s %s by %s: %s",
+                method,
+                path.partition("?")[0],
+                status_code,
+                username,
+                type(err).__name__,
+            )
 
 
 def study_instance(session: Session, study_uid: str, sop_instance_uid: str) -> tuple[str, str] | None:

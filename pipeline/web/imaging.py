@@ -30,6 +30,8 @@ from PIL import Image
 from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 
+from pipeline.errors import RadtriageError
+
 log = logging.getLogger(__name__)
 
 # name -> (label, centre, width) in HU
@@ -45,6 +47,10 @@ OVERLAYS = {"fill": "Fill + outline", "outline": "Outline", "none": "No overlay"
 FILL_ALPHA = 0.4
 _FALLBACK_COLOURS = [(255, 0, 0), (255, 255, 0), (0, 255, 0), (0, 255, 255), (0, 0, 255), (255, 0, 255)]
 _HEAD_WORDS = ("HEAD", "BRAIN", "SKULL", "CRAN", "NEURO", "CEREBR")
+
+
+class NotAnImage(RadtriageError):
+    """The object has no pixel data to show (an SR, for one)."""
 
 
 def default_window(body_parts: list[str], descriptions: list[str]) -> str:
@@ -173,6 +179,8 @@ class SliceRenderer:
 
     def _render(self, sop_instance_uid: str, window: str, overlay: str, seg_uids: tuple[str, ...]) -> bytes:
         ds = pydicom.dcmread(self._path_of(sop_instance_uid))
+        if "PixelData" not in ds:
+            raise NotAnImage(f"{ds.get('Modality', 'the object')} {sop_instance_uid} has no pixel data")
         pixels = ds.pixel_array
         if pixels.ndim != 2:
             pixels = pixels[0]  # multi-frame: the first frame

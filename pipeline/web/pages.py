@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
+import secrets
 from typing import Any
 
 from fastapi import APIRouter, Form, Request
@@ -13,16 +15,37 @@ from sqlalchemy import select
 from pipeline.index.db import session_scope
 from pipeline.index.schema import Series, SeriesOrigin
 from pipeline.index.triage import AIStatus
-from pipeline.web.auth import SESSION_COOKIE, SESSION_LIFETIME, AuthUser, LockedOut, csrf_ok, csrf_token
+from pipeline.web.auth import (
+    LOGIN_COOKIE,
+    SESSION_COOKIE,
+    SESSION_LIFETIME,
+    AuthUser,
+    LockedOut,
+    csrf_ok,
+    csrf_token,
+    login_csrf_ok,
+    login_csrf_token,
+)
 from pipeline.web.context import WebContext, received_series, series_slices, study_instance
-from pipeline.web.imaging import OVERLAYS, WINDOWS, default_window
-from pipeline.web.worklist import StudyNotFound, get_worklist_item, list_worklist, read_action, set_read
+from pipeline.web.imaging import OVERLAYS, WINDOWS, NotAnImage, default_window
+from pipeline.web.worklist import (
+    BadSearch,
+    StudyNotFound,
+    check_search,
+    get_worklist_item,
+    list_worklist,
+    read_action,
+    set_read,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
 POLL_SECONDS = 3
 PRIORITIES = ("critical", "urgent", "routine")
+# Objects that are not pictures: their slice URL answers 415, not a rendering error.
+NOT_IMAGES = {"SR", "SEG", "KO", "PR", "RTSTRUCT", "DOC"}
+_NONCE = re.compile(r"[A-Za-z0-9_-]{32}")
 
 
 def _ctx(request: Request) -> WebContext:
@@ -58,26 +81,63 @@ def root() -> RedirectResponse:
     return RedirectResponse("/worklist", status_code=303)
 
 
+def _login_page(
+    request: Request, *, status_code: int = 200, next_url: str | None, username: str = "", error: str = ""
+) -> HTMLResponse:
+    """The login form, with a token bound to a pre-login cookie (set here when missing)."""
+    ctx = _ctx(request)
+    nonce = request.cookies.get(LOGIN_COOKIE, "")
+    if not _NONCE.fullmatch(nonce):
+        nonce = secrets.token_urlsafe(24)
+    response = _render(
+        request,
+        "login.html",
+        status_code=status_code,
+        next=_safe_next(next_url),
+        username=username,
+        error=error,
+        login_csrf=login_csrf_token(ctx.secret, nonce),
+    )
+    response.set_cookie(
+        LOGIN_COOKIE, nonce, httponly=True, samesite="strict", secure=request.url.scheme == "https", path="/login"
+    )
+    return response
+
+
 @router.get("/login", response_class=HTMLResponse)
 def login_form(request: Request, next: str = "/worklist") -> HTMLResponse:
-    return _render(request, "login.html", next=_safe_next(next), error="", username="")
+    return _login_page(request, next_url=next)
+
+
+def _from_browser(request: Request) -> bool:
+    # Every current browser sends one of these with a form POST; a cross-site page cannot
+    # remove them. A script without them cannot be the victim of a login CSRF.
+    return "origin" in request.headers or "sec-fetch-site" in request.headers
 
 
 @router.post("/login")
 def login(
-    request: Request, username: str = Form(""), password: str = Form(""), next: str = Form("/worklist")
+    request: Request,
+    username: str = Form(""),
+    password: str = Form(""),
+    next: str = Form("/worklist"),
+    csrf_token: str = Form(""),
 ) -> Response:
     ctx = _ctx(request)
     remote = request.client.host if request.client else ""
-    request.state.audit_user = username
-    if not username.strip() or not password:
-        return _render(
+    request.state.audit_user = username[:64]
+    if _from_browser(request) and not login_csrf_ok(ctx.secret, request.cookies.get(LOGIN_COOKIE, ""), csrf_token):
+        request.state.audit_action = "login refused: form token"
+        return _login_page(
             request,
-            "login.html",
-            status_code=400,
-            next=_safe_next(next),
+            status_code=403,
+            next_url=next,
             username=username,
-            error="Enter your user name and password.",
+            error="The login form expired or came from another site. Log in again.",
+        )
+    if not username.strip() or not password:
+        return _login_page(
+            request, status_code=400, next_url=next, username=username, error="Enter your user name and password."
         )
     try:
         with session_scope(ctx.session_factory) as session:
@@ -85,11 +145,10 @@ def login(
             token = ctx.authenticator.open_session(session, user, remote) if user is not None else ""
     except LockedOut as err:
         request.state.audit_action = "login locked out"
-        response = _render(
+        response = _login_page(
             request,
-            "login.html",
             status_code=429,
-            next=_safe_next(next),
+            next_url=next,
             username=username,
             error=f"Too many failed logins. {str(err).capitalize()}.",
         )
@@ -97,13 +156,8 @@ def login(
         return response
     if user is None:
         request.state.audit_action = "login failed"
-        return _render(
-            request,
-            "login.html",
-            status_code=401,
-            next=_safe_next(next),
-            username=username,
-            error="Wrong user name or password.",
+        return _login_page(
+            request, status_code=401, next_url=next, username=username, error="Wrong user name or password."
         )
     request.state.audit_action = "login"
     response = RedirectResponse(_safe_next(next), status_code=303)
@@ -116,6 +170,7 @@ def login(
         secure=request.url.scheme == "https",
         path="/",
     )
+    response.delete_cookie(LOGIN_COOKIE, path="/login")
     return response
 
 
@@ -134,11 +189,12 @@ def logout(request: Request, csrf_token: str = Form("")) -> Response:
 
 
 def _filters(status: str, priority: str, modality: str, q: str) -> dict[str, str]:
+    """The worklist filters; raises :class:`BadSearch` for a search over the limits."""
     return {
         "status": status if status in {s.value for s in AIStatus} else "",
         "priority": priority if priority in PRIORITIES else "",
         "modality": modality.strip().upper()[:16],
-        "q": q.strip()[:64],
+        "q": check_search(q),
     }
 
 
@@ -158,7 +214,10 @@ def worklist_page(
     request: Request, status: str = "", priority: str = "", modality: str = "", q: str = ""
 ) -> HTMLResponse:
     ctx = _ctx(request)
-    filters = _filters(status, priority, modality, q)
+    try:
+        filters = _filters(status, priority, modality, q)
+    except BadSearch as err:
+        return _render(request, "message.html", status_code=400, title="Search too long", message=str(err))
     items = _worklist_items(ctx, filters)
     with session_scope(ctx.session_factory, readonly=True) as session:
         modalities = sorted(
@@ -180,7 +239,11 @@ def worklist_page(
 
 @router.get("/worklist/rows")
 def worklist_rows(request: Request, status: str = "", priority: str = "", modality: str = "", q: str = "") -> Response:
-    items = _worklist_items(_ctx(request), _filters(status, priority, modality, q))
+    try:
+        filters = _filters(status, priority, modality, q)
+    except BadSearch as err:
+        return Response(str(err), status_code=400, media_type="text/plain")
+    items = _worklist_items(_ctx(request), filters)
     response = _render(request, "_rows.html", items=items)
     # The page polls this every few seconds: answer 304 when nothing it shows changed.
     etag = '"' + hashlib.sha256(bytes(response.body)).hexdigest()[:32] + '"'
@@ -264,8 +327,19 @@ def slice_image(
         if found is None:
             return Response("no such image in this study", status_code=404)
         item = get_worklist_item(session, study_uid)
-        series_uid = found[0]
-    png = ctx.renderer.render_png(sop_uid, window=window, overlay=overlay, seg_uids=_seg_uids(item, series_uid))
+        series_uid, modality = found
+    not_image = Response(
+        f"{modality or 'this object'} {sop_uid} is not an image; download it from "
+        f"/studies/{study_uid}/objects/{sop_uid}.dcm",
+        status_code=415,
+        media_type="text/plain",
+    )
+    if modality.upper() in NOT_IMAGES:
+        return not_image
+    try:
+        png = ctx.renderer.render_png(sop_uid, window=window, overlay=overlay, seg_uids=_seg_uids(item, series_uid))
+    except NotAnImage:
+        return not_image
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
 

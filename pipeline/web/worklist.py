@@ -26,10 +26,35 @@ from pipeline.index.schema import Patient, Series, SeriesOrigin, Study, utcnow
 from pipeline.index.triage import AIFinding, AIResult, AIStatus, WorklistEntry, worklist_entry
 
 DEFAULT_LIMIT = 1000
+# A search is a few words typed by a person; each word is three LIKEs in the query, and
+# SQLite refuses an expression tree deeper than 1000.
+MAX_SEARCH_WORDS = 8
+MAX_SEARCH_CHARS = 128
 
 
 class StudyNotFound(RadtriageError):
     """No study with that StudyInstanceUID is in the index."""
+
+
+class BadSearch(RadtriageError):
+    """A worklist search longer than :data:`MAX_SEARCH_WORDS` words or :data:`MAX_SEARCH_CHARS` characters."""
+
+
+def check_search(text: str | None) -> str:
+    """The search text, stripped.
+
+    Raises
+    ------
+    BadSearch
+        When it has too many words or characters (the message says the limits).
+    """
+    text = (text or "").strip()
+    if len(text) > MAX_SEARCH_CHARS or len(text.split()) > MAX_SEARCH_WORDS:
+        raise BadSearch(
+            f"search is too long: at most {MAX_SEARCH_WORDS} words and {MAX_SEARCH_CHARS} characters "
+            "(name, patient ID or accession number)"
+        )
+    return text
 
 
 @dataclass(frozen=True)
@@ -216,6 +241,8 @@ def list_worklist(
     search
         Words that must each appear (case-insensitively) in the patient name, patient
         ID or accession number; ``"doe 123"`` finds ``DOE^JOHN`` with ID ``P123``.
+        At most :data:`MAX_SEARCH_WORDS` words, :data:`MAX_SEARCH_CHARS` characters
+        (else :class:`BadSearch`).
     read
         ``True`` only read studies, ``False`` only unread ones.
     limit
@@ -242,7 +269,7 @@ def list_worklist(
                 )
             )
         )
-    for word in (search or "").split():
+    for word in check_search(search).split():
         pattern = f"%{_escape_like(word)}%"
         query = query.where(
             or_(
