@@ -54,6 +54,14 @@ class DicomSettings(_Section):
     )
     max_pdu_size: int = Field(4_194_304, ge=0)
     network_timeout_seconds: float = Field(60.0, gt=0)
+    # Called AE titles accepted; empty: ae_title only; "*": any.
+    called_aes: list[str] = Field(default_factory=list)
+    # Seconds from a connection to its accepted association (A-ASSOCIATE-RQ read and answered).
+    association_timeout_seconds: float = Field(10.0, gt=0)
+    # Seconds one PDU may take from its first byte to its last.
+    pdu_timeout_seconds: float = Field(30.0, gt=0)
+    max_associations: int = Field(64, ge=1)
+    max_associations_per_address: int = Field(16, ge=1)
     # Known DICOM nodes, AE title -> "host:port". Nothing reads it yet: Query/Retrieve will
     # look up C-MOVE destinations here.
     peers: dict[str, str] = Field(default_factory=dict)
@@ -61,7 +69,7 @@ class DicomSettings(_Section):
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
 
-    @field_validator("allowed_aes")
+    @field_validator("allowed_aes", "called_aes")
     @classmethod
     def _allowed(cls, value: list[str]) -> list[str]:
         return [v if v == "*" else _check_ae_title(v) for v in value]
@@ -69,6 +77,11 @@ class DicomSettings(_Section):
     @property
     def open_to_all(self) -> bool:
         return "*" in self.allowed_aes
+
+    @property
+    def called_ae_titles(self) -> list[str]:
+        """The called AE titles an association may ask for (``called_aes`` or ``ae_title``)."""
+        return self.called_aes or [self.ae_title]
 
 
 class StorageSettings(_Section):

@@ -5,6 +5,11 @@ module walks the elements once (large values are skipped, not copied), checks th
 structure, validates the UIDs the archive uses as file names, and returns an
 :class:`InstanceHeader`. Strict where the archive depends on a value (UIDs), tolerant
 elsewhere (a malformed optional attribute becomes empty and is logged).
+
+Whatever the bytes, parsing ends in an :class:`InstanceHeader` or one of this module's
+errors, never in anything else: a deflated dataset inflates to at most
+:data:`MAX_INFLATED_BYTES`, and sequences nested deeper than Python can recurse are a
+:class:`DatasetError` (``tests/core/test_header_fuzz.py`` checks this).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ log = logging.getLogger(__name__)
 # PS3.5 9.1: digits and dots, no leading zero in a component, at most 64 characters.
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 _DEFER = 1024  # bytes; longer values (pixel data) are skipped by seeking
+# A deflated dataset is inflated in memory to be parsed; a few MB can claim many GB.
+MAX_INFLATED_BYTES = 512 * 1024 * 1024
+_INFLATE_CHUNK = 4 * 1024 * 1024
 
 
 class DatasetError(PermanentError):
@@ -181,6 +189,8 @@ def _walk(data: bytes | memoryview, implicit: bool, little: bool) -> Dataset:
             elements[elem.tag] = elem
     except DatasetError:
         raise
+    except RecursionError:  # pydicom reads undefined-length sequences recursively
+        raise DatasetError("dataset does not parse: sequences nested too deep") from None
     except (EOFError, ValueError, KeyError, NotImplementedError, OSError, struct_error) as err:
         raise DatasetError(f"dataset does not parse: {err}") from None
     if fp.tell() != len(data):
@@ -194,17 +204,40 @@ def _walk(data: bytes | memoryview, implicit: bool, little: bool) -> Dataset:
     return ds
 
 
-def parse_encoded(data: bytes | memoryview, transfer_syntax: str) -> Dataset:
+def _inflate(data: bytes | memoryview, limit: int) -> bytes:
+    """Inflate ``data``, refusing more than ``limit`` bytes; memory stays within ~``limit``.
+
+    A first pass only counts (a chunk at a time), so a bomb costs no memory and at most
+    ``limit`` bytes of CPU; the second inflates into one buffer of the exact size.
+    """
+    counter = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = 0
+    pending: bytes | memoryview = data
+    try:
+        while True:
+            out = counter.decompress(pending, _INFLATE_CHUNK)
+            size += len(out)
+            if size > limit:
+                raise DatasetError(f"deflated dataset inflates to more than {limit / 2**20:g} MiB: refused")
+            pending = counter.unconsumed_tail
+            if not out and not pending:
+                break
+        return zlib.decompress(data, -zlib.MAX_WBITS, max(size, 1))
+    except zlib.error as err:
+        raise DatasetError(f"deflated dataset does not inflate: {err}") from None
+
+
+def parse_encoded(
+    data: bytes | memoryview, transfer_syntax: str, *, max_inflated_bytes: int = MAX_INFLATED_BYTES
+) -> Dataset:
     """Parse an encoded dataset (no File Meta) in ``transfer_syntax`` into a lazy Dataset.
 
     Values stay raw until read; values longer than 1 KiB (pixel data) are not loaded.
-    Raises :class:`DatasetError` if the encoding is broken.
+    Raises :class:`DatasetError` if the encoding is broken, or if a deflated dataset
+    inflates to more than ``max_inflated_bytes`` (memory stays within that bound).
     """
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        try:
-            data = zlib.decompress(bytes(data), -zlib.MAX_WBITS)
-        except zlib.error as err:
-            raise DatasetError(f"deflated dataset does not inflate: {err}") from None
+        data = _inflate(data, max_inflated_bytes)
     implicit = transfer_syntax == ImplicitVRLittleEndian
     little = transfer_syntax != ExplicitVRBigEndian
     return _walk(data, implicit, little)

@@ -13,6 +13,13 @@ Status     Meaning
 0xC000     the dataset does not parse
 0xC001     Study/Series/SOP Instance UID missing or not a valid UID
 =========  ==========================================================================
+
+Before a peer is known (a TCP connection, an A-ASSOCIATE-RQ), everything it can make
+the receiver hold is bounded: connections per source address and in total
+(:class:`ConnectionGate`, refused at ``accept`` with no thread started; a slot is free
+again as soon as its socket closes), the time to the A-ASSOCIATE-AC
+(``association_timeout_seconds``), the length and the arrival time of each PDU
+(:class:`pipeline.dicom.tuning.PduLimits`), and the called AE title (``called_aes``).
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
+import time
+from collections import defaultdict
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -46,7 +56,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pipeline.archive import Archive, OutOfResourcesError
 from pipeline.archive.header import DatasetError, InvalidUIDError, SOPClassMismatchError
 from pipeline.config import Settings
-from pipeline.dicom.tuning import cheap_context_copies, tune_association
+from pipeline.dicom.tuning import (
+    PduLimits,
+    advertised_pdu_size,
+    cheap_context_copies,
+    end_unrequested,
+    tune_association,
+)
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -87,13 +103,32 @@ def _status(code: int, comment: str) -> Dataset:
     return rsp
 
 
-def set_nodelay(event: evt.Event) -> None:
+def pdu_limits(settings: Settings) -> PduLimits:
+    """The limits a tuned association reads PDUs within, from ``[dicom]``."""
+    return PduLimits(
+        max_pdu_size=settings.dicom.max_pdu_size,
+        pdu_timeout=settings.dicom.pdu_timeout_seconds,
+        establish_timeout=settings.dicom.association_timeout_seconds,
+    )
+
+
+def set_nodelay(event: evt.Event, limits: PduLimits | None = None) -> None:
     """EVT_CONN_OPEN handler: disable Nagle's algorithm (10x on loopback) and let the
-    association react to each message at once (:mod:`pipeline.dicom.tuning`)."""
+    association react to each message at once, reading PDUs within ``limits``
+    (:mod:`pipeline.dicom.tuning`)."""
     sock = event.assoc.dul.socket.socket
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    tune_association(event.assoc)
+    limits = limits or PduLimits()
+    if not tune_association(event.assoc, limits) and sock is not None:
+        # Untuned, pynetdicom reads with blocking recv(): bound each one at least (a
+        # peer gone silent inside a PDU would otherwise hold its thread forever).
+        sock.settimeout(limits.pdu_timeout)
+
+
+def _on_close(event: evt.Event) -> None:
+    """EVT_CONN_CLOSE handler: a connection closed before its request frees its thread now."""
+    end_unrequested(event.assoc)
 
 
 def handle_store(event: evt.Event, archive: Archive) -> int | Dataset:
@@ -119,13 +154,76 @@ def handle_store(event: evt.Event, archive: Archive) -> int | Dataset:
 
 
 def _log_request(event: evt.Event, settings: Settings) -> None:
-    """EVT_REQUESTED handler: say why an association is about to be rejected."""
-    calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+    """EVT_REQUESTED handler: reject a wrong called AE title; say why an association is
+    about to be rejected."""
+    request = event.assoc.requestor.primitive
+    calling = str(request.calling_ae_title).strip()
+    called = str(request.called_ae_title).strip()
+    accepted = settings.dicom.called_ae_titles
+    if "*" not in accepted and called not in accepted:
+        log.warning(
+            "association from %s (%s) rejected: called AE title %r is not this archive's (%s)",
+            calling,
+            event.assoc.requestor.address,
+            called,
+            ", ".join(accepted),
+        )
+        event.assoc.acse.send_reject(0x01, 0x01, 0x07)  # rejected-permanent, called AE not recognised
+        event.assoc.kill()
+        return
     if not settings.dicom.open_to_all and calling not in settings.dicom.allowed_aes:
         log.warning(
             "association from %s (%s) rejected: calling AE title not in [dicom] allowed_aes",
             calling,
             event.assoc.requestor.address,
+        )
+
+
+class ConnectionGate:
+    """Caps open DICOM connections per source address and in total.
+
+    Installed as the server's ``verify_request`` (socketserver's hook), so a refused
+    connection is closed at ``accept`` and starts no thread. A connection holds its slot
+    until its socket is closed, whatever closed it (release, abort, timeout).
+    """
+
+    def __init__(self, per_address: int, total: int) -> None:
+        self.per_address = per_address
+        self.total = total
+        self._open: dict[str, list[Any]] = defaultdict(list)
+        self._lock = threading.Lock()
+        self._warned: dict[str, float] = {}
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        address = str(client_address[0])
+        with self._lock:
+            for key in list(self._open):
+                alive = [sock for sock in self._open[key] if sock.fileno() != -1]
+                if alive:
+                    self._open[key] = alive
+                else:
+                    del self._open[key]
+            total = sum(len(socks) for socks in self._open.values())
+            mine = len(self._open.get(address, ()))
+            if mine < self.per_address and total < self.total:
+                self._open[address].append(request)
+                return True
+        self._warn(address, mine, total)
+        return False
+
+    def _warn(self, address: str, mine: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(address, -3600.0) < 60:  # one line a minute per address
+            return
+        self._warned[address] = now
+        log.warning(
+            "DICOM connection from %s refused: %d open from it (max_associations_per_address %d), "
+            "%d in all (max_associations %d); further refusals of it are not logged for a minute",
+            address,
+            mine,
+            self.per_address,
+            total,
+            self.total,
         )
 
 
@@ -154,11 +252,13 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 def build_ae(settings: Settings, archive: Archive) -> AE:
     """The application entity: storage SCP for all storage SOP classes, plus C-ECHO."""
     ae = AE(ae_title=settings.dicom.ae_title)
-    ae.maximum_pdu_size = settings.dicom.max_pdu_size
+    ae.maximum_pdu_size = advertised_pdu_size(settings.dicom.max_pdu_size)
     ae.network_timeout = settings.dicom.network_timeout_seconds
-    ae.acse_timeout = settings.dicom.network_timeout_seconds
+    # From the connection to the A-ASSOCIATE-RQ (and the ARTIM timer): short, so that
+    # connections that never ask cannot hold slots.
+    ae.acse_timeout = settings.dicom.association_timeout_seconds
     ae.dimse_timeout = settings.dicom.network_timeout_seconds
-    ae.maximum_associations = 64
+    ae.maximum_associations = settings.dicom.max_associations
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
@@ -170,7 +270,8 @@ def build_ae(settings: Settings, archive: Archive) -> AE:
 def handlers(settings: Settings, archive: Archive) -> list[Any]:
     """The event handlers the receiver binds (exposed so other servers can reuse them)."""
     return [
-        (evt.EVT_CONN_OPEN, set_nodelay),
+        (evt.EVT_CONN_OPEN, set_nodelay, [pdu_limits(settings)]),
+        (evt.EVT_CONN_CLOSE, _on_close),
         (evt.EVT_REQUESTED, _log_request, [settings]),
         (evt.EVT_C_STORE, handle_store, [archive]),
     ]
@@ -189,6 +290,8 @@ def start_receiver(settings: Settings, archive: Archive, *, ae: AE | None = None
         evt_handlers=handlers(settings, archive),
         ssl_context=ssl_context(settings),
     )
+    gate = ConnectionGate(settings.dicom.max_associations_per_address, settings.dicom.max_associations)
+    server.verify_request = gate.verify_request  # type: ignore[method-assign]
     cheap_context_copies(server)
     host, port = server.server_address[:2]
     log.info(

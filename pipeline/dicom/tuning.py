@@ -16,6 +16,19 @@ logic and changes only how its threads wait and read:
   event that the DIMSE layer sets when it queues one (only for tuned associations;
   every other sleep in pynetdicom, and every other association, is unchanged).
 
+The tuned socket is also where a hostile peer is bounded before it is authenticated
+(:class:`PduLimits`), because that is where pynetdicom reads: it reads the 6-byte PDU
+header and then ``recv(length)`` with whatever length the peer claims. The header is
+checked as it is read (PDU type, and a length of at most the advertised maximum PDU for
+P-DATA after the A-ASSOCIATE-AC, far less for every other PDU); a PDU must arrive whole
+within its deadline (``SO_RCVTIMEO``, set once per association, bounds each wait, and
+the deadline is checked between reads: no extra syscall per PDU), and before the
+association is accepted the deadline is also the connection's establishment deadline.
+A PDU that breaks a limit is not read: the connection is closed with one log line.
+The buffer for a PDU up to :data:`PREALLOCATE_MAX` (a whole PDU at the default maximum
+PDU size) is allocated at once, which is the fast path; a longer one grows with the data
+that actually arrives.
+
 Also, :func:`cheap_context_copies` (call it on a started server): pynetdicom deep-copies
 the acceptor's presentation contexts for every association, which re-validates every
 transfer syntax UID: with all storage SOP classes and 13 transfer syntaxes that is
@@ -36,8 +49,10 @@ import logging
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pynetdicom
@@ -70,11 +85,70 @@ def _skipped(tuning: str, why: str) -> None:
 IDLE_WAIT_SECONDS = 0.01
 
 
+# PDU types (PS3.8 9.3): A-ASSOCIATE-RQ/AC/RJ, P-DATA-TF, A-RELEASE-RQ/RP, A-ABORT.
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+_P_DATA_TF = 0x04
+_A_ASSOCIATE_AC = b"\x02"  # the first byte of the PDU we send to accept
+# Every PDU but P-DATA: an A-ASSOCIATE-RQ with 128 presentation contexts of 13 transfer
+# syntaxes and a 64 KiB user identity is under 150 KiB.
+MAX_CONTROL_PDU_LENGTH = 256 * 1024
+# A P-DATA PDU is never accepted longer than this, whatever max_pdu_size says.
+PDU_HARD_CAP = 64 * 1024 * 1024
+# Senders that count the PDV item headers into the maximum overshoot it by a few bytes.
+_PDU_SLACK = 4096
+# PDUs up to this length get their whole buffer at once (the default 4 MiB PDU: one
+# allocation, as fast as before); longer claims grow with the data that arrives.
+PREALLOCATE_MAX = 4 * 1024 * 1024 + _PDU_SLACK
+_FIRST_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PduLimits:
+    """What a peer may send, enforced as each PDU is read by a tuned association.
+
+    Parameters
+    ----------
+    max_pdu_size
+        The maximum PDU length we advertise (0: unlimited, which means
+        :data:`PDU_HARD_CAP`); P-DATA PDUs up to this (plus a few bytes of slack) are
+        accepted once the association is accepted.
+    pdu_timeout
+        Seconds one PDU may take from its first byte to its last.
+    establish_timeout
+        Seconds from the connection to the A-ASSOCIATE-AC; every PDU before it must
+        arrive within this too.
+    """
+
+    max_pdu_size: int = 4_194_304
+    pdu_timeout: float = 30.0
+    establish_timeout: float = 10.0
+
+    @property
+    def max_p_data_length(self) -> int:
+        size = self.max_pdu_size if 0 < self.max_pdu_size <= PDU_HARD_CAP else PDU_HARD_CAP
+        return size + _PDU_SLACK
+
+
+def advertised_pdu_size(max_pdu_size: int) -> int:
+    """The maximum PDU size to advertise for ``max_pdu_size`` (0 or too large: the hard cap)."""
+    return max_pdu_size if 0 < max_pdu_size <= PDU_HARD_CAP else PDU_HARD_CAP
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+
+
 class _LowLatencySocket(AssociationSocket):
-    """An :class:`AssociationSocket` whose ``ready`` blocks on socket + wake-up pipe."""
+    """An :class:`AssociationSocket` whose ``ready`` blocks on socket + wake-up pipe,
+    and whose ``recv`` enforces :class:`PduLimits`."""
 
     _wake_r: socket.socket
     _wake_w: socket.socket
+    _limits: PduLimits
+    _establish_by: float  # time.monotonic() deadline for the A-ASSOCIATE-AC
+    _accepted: bool  # we sent the A-ASSOCIATE-AC: P-DATA may now be long
+    _body_deadline: float | None  # set between a PDU's header and its body
 
     @property
     def ready(self) -> bool:  # type: ignore[override]
@@ -96,17 +170,68 @@ class _LowLatencySocket(AssociationSocket):
         return sock in readable
 
     def recv(self, nr_bytes: int) -> bytearray:
-        buffer = bytearray(nr_bytes)
+        """pynetdicom reads each PDU as ``recv(6)`` (the header), then ``recv(length)``.
+
+        A short return is how pynetdicom learns that the connection is gone: it closes
+        the association (a short header silently, a short body with one ERROR line).
+        """
+        deadline = self._body_deadline
+        if deadline is not None:  # the body of the PDU whose header was just read
+            self._body_deadline = None
+            return self._read(nr_bytes, deadline)
+        now = time.monotonic()
+        deadline = now + self._limits.pdu_timeout
+        if not self._accepted:
+            deadline = min(deadline, self._establish_by)
+        header = self._read(nr_bytes, deadline)
+        if nr_bytes != 6 or len(header) != 6:
+            return header
+        pdu_type, length = header[0], int.from_bytes(header[2:6], "big")
+        limit = self._limits.max_p_data_length if self._accepted and pdu_type == _P_DATA_TF else MAX_CONTROL_PDU_LENGTH
+        if pdu_type in _PDU_TYPES and length > limit:
+            self._refuse(f"a PDU of type 0x{pdu_type:02X} claims {length} bytes, more than the {limit} accepted")
+            return bytearray()
+        if pdu_type in _PDU_TYPES:  # (for an unknown type pynetdicom aborts, reading no body)
+            self._body_deadline = deadline
+        return header
+
+    def _read(self, nr_bytes: int, deadline: float) -> bytearray:
+        sock: Any = self.socket
+        buffer = bytearray(nr_bytes if nr_bytes <= PREALLOCATE_MAX else _FIRST_CHUNK)
         got = 0
-        with memoryview(buffer) as view:
+        try:
             while got < nr_bytes:
-                n = self.socket.recv_into(view[got:], nr_bytes - got)  # type: ignore[union-attr]
+                if got == len(buffer):  # a long claim, and the peer keeps sending: grow
+                    buffer.extend(bytes(min(len(buffer), nr_bytes - got)))
+                with memoryview(buffer)[got:] as view:  # released before any resize
+                    n = sock.recv_into(view)
                 if not n:  # connection closed: return what arrived, as pynetdicom does
                     break
                 got += n
-        if got < nr_bytes:
+                if got < nr_bytes and time.monotonic() > deadline:
+                    self._refuse(f"a PDU did not arrive in time ({got} of {nr_bytes} bytes)")
+                    break
+        except (BlockingIOError, TimeoutError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
+            self._refuse(f"the peer stopped sending inside a PDU ({got} of {nr_bytes} bytes)")
+        except OSError as err:  # reset by the peer, or closed under us: the connection is gone
+            log.debug("connection from %s lost inside a PDU: %s", self._peer(), err)
+        if got < len(buffer):
             del buffer[got:]
         return buffer
+
+    def send(self, bytestream: bytes) -> None:
+        if not self._accepted and bytestream[:1] == _A_ASSOCIATE_AC:
+            self._accepted = True
+            if self._limits.pdu_timeout > self._limits.establish_timeout:
+                _set_timeouts(self.socket, self._limits.pdu_timeout)
+        super().send(bytestream)
+
+    def _peer(self) -> str:
+        info = getattr(self.assoc.requestor, "address_info", None)
+        return str(getattr(info, "address", "?"))
+
+    def _refuse(self, why: str) -> None:
+        log.warning("DICOM connection from %s closed: %s", self._peer(), why)
 
     def close(self) -> None:
         super().close()
@@ -197,19 +322,38 @@ def _wrap_put(queue: Any, after: Any) -> None:
     queue.put = put
 
 
-def tune_association(assoc: Any) -> bool:
-    """Switch one association's DUL to blocking, wake-up driven waits. ``True`` if done."""
+def _set_timeouts(sock: Any, seconds: float) -> None:
+    """Bound each blocking ``recv``/``send`` on ``sock`` by ``seconds`` (kernel timers:
+    no extra syscall per read, unlike :meth:`socket.socket.settimeout`)."""
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+    except OSError as err:  # closed already: the association ends on its own
+        log.debug("cannot set socket timeouts: %s", err)
+
+
+def tune_association(assoc: Any, limits: PduLimits | None = None) -> bool:
+    """Switch one association's DUL to blocking, wake-up driven waits, reading PDUs
+    within ``limits`` (default :class:`PduLimits`). ``True`` if done."""
     dul = getattr(assoc, "dul", None)
     sock = getattr(dul, "socket", None)
     queue = getattr(dul, "to_provider_queue", None)
     if type(sock) is not AssociationSocket or queue is None or not hasattr(dul, "_run_loop_delay"):
         _skipped("low-latency DUL", "the association's DUL has an unknown layout")
         return False
+    limits = limits or PduLimits()
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
     sock._wake_r, sock._wake_w = wake_r, wake_w  # type: ignore[attr-defined]
+    sock._limits = limits  # type: ignore[attr-defined]
+    sock._establish_by = time.monotonic() + limits.establish_timeout  # type: ignore[attr-defined]
+    sock._accepted = False  # type: ignore[attr-defined]
+    sock._body_deadline = None  # type: ignore[attr-defined]
     sock.__class__ = _LowLatencySocket
+    _set_timeouts(sock.socket, min(limits.pdu_timeout, limits.establish_timeout))
 
     def wake_dul() -> None:
         try:
@@ -230,6 +374,27 @@ def tune_association(assoc: Any) -> bool:
         setattr(assoc, _WAKE_ATTRIBUTE, event)
         _wrap_put(messages, event.set)
     return True
+
+
+def end_unrequested(assoc: Any) -> None:
+    """Call on ``EVT_CONN_CLOSE``: when the peer closed before its A-ASSOCIATE-RQ, end
+    the association thread now instead of when the ACSE timeout expires.
+
+    pynetdicom's acceptor thread waits for the request on the DUL's queue for the whole
+    ACSE timeout even after the connection is gone, and every such thread counts against
+    the association limit: a burst of connect-and-close would lock modalities out. An
+    empty item is what that wait returns on a timeout, so the thread ends the same way.
+    """
+    if not getattr(assoc, "is_acceptor", False):
+        return
+    dul = getattr(assoc, "dul", None)
+    state = getattr(getattr(dul, "state_machine", None), "current_state", None)
+    to_user = getattr(dul, "to_user_queue", None)
+    if to_user is None or state is None:
+        _skipped("early end of unrequested connections", "the association's DUL has an unknown layout")
+        return
+    if state == "Sta2":  # connected, no A-ASSOCIATE-RQ yet (the action runs before the transition)
+        to_user.put(None)
 
 
 def is_tuned(assoc: Any) -> bool:
