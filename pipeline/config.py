@@ -45,6 +45,24 @@ class TLSSettings(_Section):
     require_client_cert: bool = True
 
 
+PeerRight = Literal["store", "query", "retrieve", "move_destination"]
+
+
+class DicomPeer(_Section):
+    """A known DICOM node: where it listens and what it may do here.
+
+    ``store``: send us instances (as ``allowed_aes`` does); ``query``: C-FIND;
+    ``retrieve``: C-MOVE and C-GET; ``move_destination``: receive what a C-MOVE sends.
+    """
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    allow: list[PeerRight] = Field(default_factory=list)
+
+    _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
+
+
 class DicomSettings(_Section):
     ae_title: str = "RADTRIAGE"
     bind: str = "0.0.0.0"
@@ -62,9 +80,8 @@ class DicomSettings(_Section):
     pdu_timeout_seconds: float = Field(30.0, gt=0)
     max_associations: int = Field(64, ge=1)
     max_associations_per_address: int = Field(16, ge=1)
-    # Known DICOM nodes, AE title -> "host:port". Nothing reads it yet: Query/Retrieve will
-    # look up C-MOVE destinations here.
-    peers: dict[str, str] = Field(default_factory=dict)
+    # Known DICOM nodes and what each may do (query, retrieve, be a C-MOVE destination).
+    peers: list[DicomPeer] = Field(default_factory=list)
     tls: TLSSettings = Field(default_factory=TLSSettings)
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
@@ -77,6 +94,15 @@ class DicomSettings(_Section):
     @property
     def open_to_all(self) -> bool:
         return "*" in self.allowed_aes
+
+    @field_validator("peers")
+    @classmethod
+    def _unique_peers(cls, value: list[DicomPeer]) -> list[DicomPeer]:
+        titles = [p.ae_title for p in value]
+        twice = sorted({t for t in titles if titles.count(t) > 1})
+        if twice:
+            raise ValueError(f"AE title(s) {', '.join(twice)} listed more than once; give each peer one entry")
+        return value
 
     @property
     def called_ae_titles(self) -> list[str]:
