@@ -82,6 +82,8 @@ class DicomSettings(_Section):
     max_associations_per_address: int = Field(16, ge=1)
     # Known DICOM nodes and what each may do (query, retrieve, be a C-MOVE destination).
     peers: list[DicomPeer] = Field(default_factory=list)
+    # C-FIND: PatientName/ReferringPhysicianName match case-sensitively (PS3.4 C.2.2.2.1).
+    strict_person_name_matching: bool = False
     tls: TLSSettings = Field(default_factory=TLSSettings)
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))

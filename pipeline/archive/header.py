@@ -88,6 +88,7 @@ class InstanceHeader:
 
 # keyword -> kind ("str", "int", "float", "multi")
 INDEXED_ATTRIBUTES: dict[str, str] = {
+    "SpecificCharacterSet": "multi",
     "PatientID": "str",
     "IssuerOfPatientID": "str",
     "PatientName": "str",
@@ -99,6 +100,7 @@ INDEXED_ATTRIBUTES: dict[str, str] = {
     "StudyTime": "str",
     "StudyDescription": "str",
     "ReferringPhysicianName": "str",
+    "InstitutionName": "str",
     "Modality": "str",
     "BodyPartExamined": "str",
     "SeriesDescription": "str",

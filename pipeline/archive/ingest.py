@@ -46,9 +46,20 @@ def _values(model: type, header: InstanceHeader, keywords: tuple[str, ...]) -> d
     return out
 
 
-_PATIENT = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex")
-_STUDY = ("AccessionNumber", "StudyID", "StudyDate", "StudyTime", "StudyDescription", "ReferringPhysicianName")
+# Read once per new patient, study or series, never on the per-image path.
+_PATIENT = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex", "SpecificCharacterSet")
+_STUDY = (
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "InstitutionName",
+    "SpecificCharacterSet",
+)
 _SERIES = (
+    "SpecificCharacterSet",
     "Modality",
     "BodyPartExamined",
     "SeriesDescription",

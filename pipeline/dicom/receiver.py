@@ -1,4 +1,4 @@
-"""The DICOM receiver: C-ECHO and C-STORE for every storage SOP class.
+"""The DICOM receiver: C-ECHO, C-STORE for every storage SOP class, and C-FIND.
 
 The C-STORE handler only writes and indexes (through :class:`pipeline.archive.Archive`)
 and answers; it never decodes pixel data and never runs a model. Bad input gets a
@@ -12,7 +12,17 @@ Status     Meaning
 0xA900     the dataset's SOP Class/Instance UID differs from the request's
 0xC000     the dataset does not parse
 0xC001     Study/Series/SOP Instance UID missing or not a valid UID
+0x0124     the calling AE may not store (a ``[[dicom.peers]]`` entry without ``store``)
 =========  ==========================================================================
+
+C-FIND (Patient Root and Study Root) is answered by :mod:`pipeline.dicom.find`;
+C-MOVE and C-GET come from :mod:`pipeline.dicom.retrieve` (its contexts and handlers are added here).
+
+Who may do what is ``[dicom] allowed_aes`` (store) and ``[[dicom.peers]]`` (store,
+query, retrieve): an association from an AE title with none of these rights, or that
+proposes only services it may not use (a C-FIND from an AE without ``query``), is
+rejected before it starts ("Calling AE Title Not Recognized") with a log line saying
+which right is missing; a handler refuses what slips through on a mixed association.
 
 Before a peer is known (a TCP connection, an A-ASSOCIATE-RQ), everything it can make
 the receiver hold is bounded: connections per source address and in total
@@ -33,29 +43,25 @@ from collections import defaultdict
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pipeline.archive import Archive, OutOfResourcesError
 from pipeline.archive.header import DatasetError, InvalidUIDError, SOPClassMismatchError
-from pipeline.config import Settings
+from pipeline.config import DicomSettings, PeerRight, Settings
+from pipeline.dicom.find import FIND_MODELS, handle_find
+from pipeline.dicom.peers import may
+from pipeline.dicom.retrieve import add_retrieve_contexts, retrieve_handlers
+from pipeline.dicom.syntaxes import TRANSFER_SYNTAXES
 from pipeline.dicom.tuning import (
     PduLimits,
     advertised_pdu_size,
@@ -67,26 +73,12 @@ from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    RLELossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-]
 
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_CANNOT_PARSE = 0xC000
 STATUS_INVALID_UID = 0xC001
+STATUS_NOT_AUTHORISED = 0x0124
 
 _FAILURES: list[tuple[type[Exception], int]] = [
     (OutOfResourcesError, STATUS_OUT_OF_RESOURCES),
@@ -131,10 +123,17 @@ def _on_close(event: evt.Event) -> None:
     end_unrequested(event.assoc)
 
 
-def handle_store(event: evt.Event, archive: Archive) -> int | Dataset:
-    """EVT_C_STORE handler: store the received bytes as they are, then answer."""
+def handle_store(event: evt.Event, archive: Archive, dicom: DicomSettings | None = None) -> int | Dataset:
+    """EVT_C_STORE handler: store the received bytes as they are, then answer.
+
+    With ``dicom``, a calling AE without the ``store`` right (a peer admitted for
+    querying) gets 0x0124 and nothing is written.
+    """
     request = event.request
     calling = event.assoc.requestor.ae_title
+    if dicom is not None and not may(dicom, calling, "store"):
+        log.warning("C-STORE from %s refused with 0x0124: it may not store (allowed_aes, [[dicom.peers]])", calling)
+        return _status(STATUS_NOT_AUTHORISED, f"AE {calling.strip()} may not store here")
     with request.DataSet.getbuffer() as encoded:  # type: ignore[union-attr]
         try:
             archive.store_encoded(
@@ -171,12 +170,55 @@ def _log_request(event: evt.Event, settings: Settings) -> None:
         event.assoc.acse.send_reject(0x01, 0x01, 0x07)  # rejected-permanent, called AE not recognised
         event.assoc.kill()
         return
-    if not settings.dicom.open_to_all and calling not in settings.dicom.allowed_aes:
+    if not settings.dicom.open_to_all and calling not in calling_ae_titles(settings.dicom):
         log.warning(
-            "association from %s (%s) rejected: calling AE title not in [dicom] allowed_aes",
+            "association from %s (%s) rejected: calling AE title not in [dicom] allowed_aes or [[dicom.peers]]",
             calling,
             event.assoc.requestor.address,
         )
+        return
+    proposed = {str(item.abstract_syntax) for item in request.presentation_context_definition_list}
+    needed = {right_needed(uid) for uid in proposed}
+    if None not in needed and not any(may(settings.dicom, calling, right) for right in needed if right):
+        missing = "/".join(sorted(r for r in needed if r))
+        log.warning(
+            "association from %s (%s) rejected: it asks only to %s, which it may not; "
+            "give it a [[dicom.peers]] entry with allow = [%s]",
+            calling,
+            event.assoc.requestor.address,
+            missing,
+            ", ".join(f'"{r}"' for r in sorted(r for r in needed if r)),
+        )
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, calling AE not recognised
+        event.assoc.kill()
+
+
+_RETRIEVE_CLASSES = {
+    str(uid)
+    for uid in (
+        PatientRootQueryRetrieveInformationModelMove,
+        StudyRootQueryRetrieveInformationModelMove,
+        PatientRootQueryRetrieveInformationModelGet,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
+}
+
+
+def right_needed(abstract_syntax: str) -> PeerRight | None:
+    """The right a presentation context of ``abstract_syntax`` is used with (``None``: C-ECHO)."""
+    if abstract_syntax == Verification:
+        return None
+    if abstract_syntax in FIND_MODELS:
+        return "query"
+    if abstract_syntax in _RETRIEVE_CLASSES:
+        return "retrieve"
+    return "store"
+
+
+def calling_ae_titles(dicom: DicomSettings) -> list[str]:
+    """AE titles that may associate at all: ``allowed_aes`` and peers with a calling right."""
+    peers = [p.ae_title for p in dicom.peers if {"store", "query", "retrieve"} & set(p.allow)]
+    return list(dict.fromkeys([*dicom.allowed_aes, *peers]))
 
 
 class ConnectionGate:
@@ -262,8 +304,11 @@ def build_ae(settings: Settings, archive: Archive) -> AE:
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for uid in FIND_MODELS:
+        ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    add_retrieve_contexts(ae)
     if not settings.dicom.open_to_all:
-        ae.require_calling_aet = list(settings.dicom.allowed_aes)
+        ae.require_calling_aet = calling_ae_titles(settings.dicom)
     return ae
 
 
@@ -273,7 +318,9 @@ def handlers(settings: Settings, archive: Archive) -> list[Any]:
         (evt.EVT_CONN_OPEN, set_nodelay, [pdu_limits(settings)]),
         (evt.EVT_CONN_CLOSE, _on_close),
         (evt.EVT_REQUESTED, _log_request, [settings]),
-        (evt.EVT_C_STORE, handle_store, [archive]),
+        (evt.EVT_C_STORE, handle_store, [archive, settings.dicom]),
+        (evt.EVT_C_FIND, handle_find, [settings, archive.session_factory]),
+        *retrieve_handlers(settings, archive),
     ]
 
 

@@ -114,8 +114,10 @@ class Patient(Base):
     PatientID: Mapped[str] = mapped_column(String(64), default="")
     IssuerOfPatientID: Mapped[str] = mapped_column(String(64), default="")
     PatientName: Mapped[str] = mapped_column(String(324), default="", index=True)
-    PatientBirthDate: Mapped[str] = mapped_column(String(8), default="")
+    PatientBirthDate: Mapped[str] = mapped_column(String(8), default="", index=True)
     PatientSex: Mapped[str] = mapped_column(String(16), default="")
+    # As received (backslash-separated): C-FIND answers carry it, so names come back as sent.
+    SpecificCharacterSet: Mapped[str] = mapped_column(String(64), default="")
 
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
 
@@ -133,6 +135,8 @@ class Study(Base):
     StudyTime: Mapped[str] = mapped_column(String(16), default="")
     StudyDescription: Mapped[str] = mapped_column(String(64), default="")
     ReferringPhysicianName: Mapped[str] = mapped_column(String(324), default="")
+    InstitutionName: Mapped[str] = mapped_column(String(64), default="")
+    SpecificCharacterSet: Mapped[str] = mapped_column(String(64), default="")
     # Backslash-separated, derived from the received series only (not our own SEG/SR).
     ModalitiesInStudy: Mapped[str] = mapped_column(String(64), default="")
     NumberOfStudyRelatedSeries: Mapped[int] = mapped_column(Integer, default=0)
@@ -155,6 +159,8 @@ class Study(Base):
 
 class Series(Base):
     __tablename__ = "series"
+    # ModalitiesInStudy (received and derived series) is answered from this index alone.
+    __table_args__ = (Index("ix_series_study_id_Modality", "study_id", "Modality"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     SeriesInstanceUID: Mapped[str] = mapped_column(String(64), unique=True)
@@ -168,6 +174,7 @@ class Series(Base):
     ImageType: Mapped[str] = mapped_column(String(256), default="")  # backslash-separated values
     SliceThickness: Mapped[float | None] = mapped_column(Float, nullable=True)
     NumberOfSeriesRelatedInstances: Mapped[int] = mapped_column(Integer, default=0)
+    SpecificCharacterSet: Mapped[str] = mapped_column(String(64), default="")
     origin: Mapped[SeriesOrigin] = mapped_column(_enum(SeriesOrigin, "series_origin"), default=SeriesOrigin.received)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
