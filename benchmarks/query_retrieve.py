@@ -1,8 +1,24 @@
-"""Retrieve benchmark: C-MOVE and C-GET of one CT study from radtriage and from Orthanc.
+"""Query/Retrieve benchmark: C-FIND, C-MOVE and C-GET against radtriage and Orthanc.
 
-Both hold the same synthetic study (``--images`` 512x512 CT slices, sent to each by
-dcmtk ``storescu``). Then, interleaved per run:
+Both servers hold the same data, sent to each by dcmtk ``storescu`` (``--load-associations``
+parallel associations per server, both servers loaded at the same time):
 
+* ``--studies`` (10,000) tiny studies for C-FIND: one 8x8 CT instance each (header and a
+  128-byte pixel matrix), one patient per study, names ``SURNAME^GIVEN`` from 100
+  surnames x 100 given names (so ``SURNAME*`` matches 1 % of the studies), StudyDate
+  spread over ten years (about 2.7 studies a day). The files are written once by
+  pydicom and cached under ``.cache/qr-bench/`` (``--cache``);
+* one synthetic CT study of ``--images`` 512x512 slices for C-MOVE and C-GET.
+
+Then, interleaved (radtriage, Orthanc, radtriage, ...):
+
+* C-FIND at STUDY level, Study Root, by dcmtk ``findscu -S`` (a new process and
+  association per query, the same for both): ``--finds`` PatientName wildcards
+  (``SURNAME*``, a different surname each time) and as many StudyDate ranges (one
+  calendar month each), each asking for PatientName, PatientID, StudyInstanceUID,
+  StudyDate, AccessionNumber, StudyDescription, ModalitiesInStudy and
+  NumberOfStudyRelatedInstances; median and p95 latency, and the number of matches,
+  which must be the same from both;
 * C-MOVE: dcmtk ``movescu -S`` of the study to a dcmtk ``storescp`` (``+B``, no fsync);
 * C-GET: dcmtk ``getscu -S`` of the study (getscu stores what comes back itself).
 
@@ -12,9 +28,7 @@ the Debian package with synced storage, no compression, no plugins. Everything g
 127.0.0.1 with ``TCP_NODELAY=1``; as root the benchmark re-executes itself in a private
 network namespace (see ``benchmarks/ingest.py``).
 
-C-FIND is not measured here yet: the C-FIND SCP is built separately.
-
-Usage: ``python benchmarks/query_retrieve.py [--images 300] [--runs 3]``.
+Usage: ``python benchmarks/query_retrieve.py [--studies 10000] [--finds 40] [--images 300] [--runs 3]``.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import date, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +94,7 @@ def start_radtriage(storage: Path, store_port: int):  # type: ignore[no-untyped-
         {"ae_title": "STORESCP", "host": HOST, "port": store_port, "allow": ["move_destination"]},
         {"ae_title": "MOVESCU", "host": HOST, "port": 104, "allow": ["retrieve", "store"]},
         {"ae_title": "GETSCU", "host": HOST, "port": 104, "allow": ["retrieve", "store"]},
+        {"ae_title": "FINDSCU", "host": HOST, "port": 104, "allow": ["query"]},
     ]
     settings = Settings(
         storage={"data_dir": storage / "data", "fsync": True},
@@ -103,6 +119,120 @@ def maybe_enter_netns(argv: list[str]) -> None:
     sys.exit(subprocess.call(["unshare", "--net", "sh", "-c", cmd], env=env))
 
 
+SURNAMES = [f"{a}{b}{c}" for a in "BCDFGHKLMN" for b in "AEIOU" for c in ("RN", "LT")]  # 100, none a prefix of another
+GIVEN = [f"{a}{b}" for a in "ABCDEFGHIJ" for b in "AEIOUYLMNR"]  # 100
+FIRST_DAY = date(2015, 1, 1)
+DAYS = 3650
+FIND_KEYS = [
+    "PatientID",
+    "StudyInstanceUID",
+    "AccessionNumber",
+    "StudyDescription",
+    "ModalitiesInStudy",
+    "NumberOfStudyRelatedInstances",
+]
+GENERATOR_VERSION = 1  # bump when the generated studies change, so the cache is rebuilt
+
+
+def find_study_files(cache: Path, n: int, shards: int) -> list[Path]:
+    """``n`` one-instance studies in ``shards`` folders under ``cache`` (written once, then reused)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    root = cache / f"find-studies-v{GENERATOR_VERSION}-{n}-{shards}"
+    done = root / "complete"
+    folders = [root / f"shard{k}" for k in range(shards)]
+    if done.exists():
+        return folders
+    shutil.rmtree(root, ignore_errors=True)
+    for folder in folders:
+        folder.mkdir(parents=True)
+    pixels = np.zeros((8, 8), dtype=np.uint16).tobytes()
+    for i in range(n):
+        uid = {part: generate_uid(entropy_srcs=["qr-bench", str(i), part]) for part in ("sop", "study", "series")}
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = uid["sop"]
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.PatientName = f"{SURNAMES[i % 100]}^{GIVEN[(i // 100) % 100]}"
+        ds.PatientID = f"QRB{i:06d}"
+        ds.PatientBirthDate = f"{1930 + i % 70}0101"
+        ds.PatientSex = "MF"[i % 2]
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = uid["study"], uid["series"]
+        ds.StudyDate = ds.SeriesDate = (FIRST_DAY + timedelta(days=(i * 37) % DAYS)).strftime("%Y%m%d")
+        ds.StudyTime = f"{8 + i % 10:02d}{i % 60:02d}00"
+        ds.AccessionNumber = f"ACC{i:07d}"
+        ds.StudyID = str(i % 1000)
+        ds.StudyDescription = "CT HEAD"
+        ds.ReferringPhysicianName = "REF^DOCTOR"
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, 1
+        ds.Rows = ds.Columns = 8
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = pixels
+        ds.save_as(folders[i % shards] / f"{i:06d}.dcm", enforce_file_format=True)
+    done.touch()
+    return folders
+
+
+def load(targets: dict[str, tuple[str, int]], folders: list[Path]) -> float:
+    """Send every file in ``folders`` to every target, one storescu per (target, folder), all at once."""
+    t0 = time.perf_counter()
+    procs = [
+        (
+            name,
+            subprocess.Popen(
+                ["storescu", "-aec", aec, "--scan-directories", HOST, str(port), str(folder)],
+                env=ENV,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            ),
+        )
+        for name, (aec, port) in targets.items()
+        for folder in folders
+    ]
+    for name, proc in procs:
+        _, err = proc.communicate(timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"loading {name} failed: {err.decode(errors='replace')[-600:]}")
+    return time.perf_counter() - t0
+
+
+def findscu(aec: str, port: int, keys: dict[str, str]) -> tuple[float, int]:
+    """One C-FIND at STUDY level (Study Root) by dcmtk findscu: seconds and number of matches."""
+    cmd = ["findscu", "-v", "-S", "-aet", "FINDSCU", "-aec", aec, "-k", "QueryRetrieveLevel=STUDY"]
+    for key, value in {**keys, **{k: "" for k in FIND_KEYS}}.items():
+        cmd += ["-k", f"{key}={value}" if value else key]
+    t0 = time.perf_counter()
+    done = subprocess.run([*cmd, HOST, str(port)], env=ENV, capture_output=True, text=True, timeout=600)
+    elapsed = time.perf_counter() - t0
+    out = done.stdout + done.stderr
+    if done.returncode != 0 or "Success" not in out:
+        raise RuntimeError(f"findscu to {aec} failed: {out[-600:]}")
+    return elapsed, out.count("(Pending)")
+
+
+def find_queries(n: int) -> dict[str, list[dict[str, str]]]:
+    """``n`` PatientName wildcards and ``n`` one-month StudyDate ranges, each different."""
+    months = [(FIRST_DAY.year + m // 12, m % 12 + 1) for m in range(0, 120, max(1, 120 // n))][:n]
+    ranges = []
+    for year, month in months:
+        end = (date(year + month // 12, month % 12 + 1, 1) - timedelta(days=1)).strftime("%Y%m%d")
+        ranges.append({"PatientName": "", "StudyDate": f"{year}{month:02d}01-{end}"})
+    names = [{"PatientName": f"{SURNAMES[(k * 7) % 100]}*", "StudyDate": ""} for k in range(n)]
+    return {"PatientName wildcard": names, "StudyDate range": ranges}
+
+
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+
 def timed(cmd: list[str]) -> float:
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
@@ -117,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     maybe_enter_netns(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=300, help="512x512 CT slices in the study (default 300)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per server and operation, interleaved")
+    parser.add_argument("--runs", type=int, default=3, help="C-MOVE/C-GET runs per server, interleaved")
+    parser.add_argument("--studies", type=int, default=10_000, help="one-instance studies for C-FIND (10000)")
+    parser.add_argument("--finds", type=int, default=40, help="C-FIND queries of each kind per server (40)")
+    parser.add_argument("--load-associations", type=int, default=4, help="parallel storescu per server to load")
+    parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "qr-bench", help="generated files")
     parser.add_argument("--no-netns", action="store_true", help="do not enter a private network namespace")
     args = parser.parse_args(argv)
     import logging
@@ -127,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.lab.synth import synth_study
 
+    t0 = time.perf_counter()
+    folders = find_study_files(args.cache, args.studies, args.load_associations)
+    generated = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="radtriage-qr-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
         work = Path(tmp)
         images = work / "images"
@@ -139,53 +276,95 @@ def main(argv: list[str] | None = None) -> int:
         server, archive = start_radtriage(work / "radtriage", store_port)
         ports = {"radtriage": ("RADTRIAGE", int(server.server_address[1])), "orthanc": ("ORTHANC", orthanc_port)}
         results: dict[tuple[str, str], list[float]] = {}
+        matches: dict[tuple[str, str], list[int]] = {}
         try:
             wait_echo(orthanc_port, "ORTHANC", orthanc)
+            loaded = load(ports, folders)
             for aec, port in ports.values():
                 timed(["storescu", "-aec", aec, "--scan-directories", HOST, str(port), str(images)])
+            for kind, queries in find_queries(args.finds).items():
+                for keys in queries:
+                    for name, (aec, port) in ports.items():
+                        seconds, count = findscu(aec, port, keys)
+                        results.setdefault((name, kind), []).append(seconds)
+                        matches.setdefault((name, kind), []).append(count)
+                if matches[("radtriage", kind)] != matches[("orthanc", kind)]:
+                    raise RuntimeError(
+                        f"{kind}: radtriage and Orthanc disagree on the matches: "
+                        f"{matches[('radtriage', kind)]} vs {matches[('orthanc', kind)]}"
+                    )
             for run in range(args.runs):
                 for name, (aec, port) in ports.items():
-                    scp_dir = work / f"scp-{name}-{run}"
-                    scp_dir.mkdir()
-                    scp = start_storescp(scp_dir, store_port)
-                    try:
-                        wait_echo(store_port, "STORESCP", scp)
-                        key = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}"]
-                        s = timed(
-                            ["movescu", "-S", "-aet", "MOVESCU", "-aec", aec, "-aem", "STORESCP", *key, HOST, str(port)]
-                        )
-                    finally:
-                        stop(scp)
-                    got = count_files(scp_dir / "out")
-                    if got != args.images:
-                        raise RuntimeError(f"C-MOVE from {name} delivered {got} of {args.images}")
-                    results.setdefault((name, "C-MOVE"), []).append(args.images / s)
-                    get_dir = work / f"get-{name}-{run}"
-                    get_dir.mkdir()
-                    s = timed(
-                        ["getscu", "-S", "-aet", "GETSCU", "-aec", aec, "-od", str(get_dir), *key, HOST, str(port)]
-                    )
-                    got = count_files(get_dir)
-                    if got != args.images:
-                        raise RuntimeError(f"C-GET from {name} delivered {got} of {args.images}")
-                    results.setdefault((name, "C-GET"), []).append(args.images / s)
-                    shutil.rmtree(scp_dir, ignore_errors=True)
-                    shutil.rmtree(get_dir, ignore_errors=True)
+                    retrieve_once(name, aec, port, run, work, store_port, study_uid, args.images, results)
         finally:
             stop(orthanc)
             server.shutdown()
             archive.engine.dispose()
+    print(
+        f"C-FIND over {args.studies} one-instance studies (+1 CT study), STUDY level, dcmtk findscu -S, "
+        f"{args.finds} queries of each kind per server, interleaved; loaded into both by storescu "
+        f"({args.load_associations} associations per server, both at once) in {loaded:.0f} s "
+        f"(files generated or taken from the cache in {generated:.0f} s)"
+    )
+    print(f"{'query':22} {'matches':>8} {'radtriage ms':>20} {'orthanc ms':>20} {'ratio':>13}")
+    print(f"{'':22} {'median':>8} {'median':>10} {'p95':>9} {'median':>10} {'p95':>9} {'median':>6} {'p95':>6}")
+    for kind in find_queries(1):
+        ours, theirs = results[("radtriage", kind)], results[("orthanc", kind)]
+        n = statistics.median(matches[("radtriage", kind)])
+        om, op, tm, tp = (
+            1000 * v for v in (statistics.median(ours), p95(ours), statistics.median(theirs), p95(theirs))
+        )
+        # ratio > 1: radtriage is faster (Orthanc's latency / radtriage's)
+        print(f"{kind:22} {n:8.0f} {om:10.1f} {op:9.1f} {tm:10.1f} {tp:9.1f} {tm / om:5.2f}x {tp / op:5.2f}x")
+    print("(C-FIND ratio: Orthanc's latency / radtriage's, > 1 means radtriage is faster)")
+    print()
     print(f"{args.images} images of 512x512 CT, {args.runs} runs each, median images/s (all runs)")
     print(f"{'operation':10} {'radtriage':>10} {'orthanc':>10} {'ratio':>7}")
     for op in ("C-MOVE", "C-GET"):
-        ours, theirs = (statistics.median(results[(n, op)]) for n in ("radtriage", "orthanc"))
+        ours_s, theirs_s = (statistics.median(results[(n, op)]) for n in ("radtriage", "orthanc"))
         runs = (
             " ".join(f"{v:.0f}" for v in results[("radtriage", op)])
             + " | "
             + " ".join(f"{v:.0f}" for v in results[("orthanc", op)])
         )
-        print(f"{op:10} {ours:10.0f} {theirs:10.0f} {ours / theirs:6.2f}x   ({runs})")
+        print(f"{op:10} {ours_s:10.0f} {theirs_s:10.0f} {ours_s / theirs_s:6.2f}x   ({runs})")
     return 0
+
+
+def retrieve_once(
+    name: str,
+    aec: str,
+    port: int,
+    run: int,
+    work: Path,
+    store_port: int,
+    study_uid: str,
+    images: int,
+    results: dict[tuple[str, str], list[float]],
+) -> None:
+    """One C-MOVE to storescp and one C-GET of the CT study from one server; images/s into ``results``."""
+    scp_dir = work / f"scp-{name}-{run}"
+    scp_dir.mkdir()
+    scp = start_storescp(scp_dir, store_port)
+    key = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}"]
+    try:
+        wait_echo(store_port, "STORESCP", scp)
+        s = timed(["movescu", "-S", "-aet", "MOVESCU", "-aec", aec, "-aem", "STORESCP", *key, HOST, str(port)])
+    finally:
+        stop(scp)
+    got = count_files(scp_dir / "out")
+    if got != images:
+        raise RuntimeError(f"C-MOVE from {name} delivered {got} of {images}")
+    results.setdefault((name, "C-MOVE"), []).append(images / s)
+    get_dir = work / f"get-{name}-{run}"
+    get_dir.mkdir()
+    s = timed(["getscu", "-S", "-aet", "GETSCU", "-aec", aec, "-od", str(get_dir), *key, HOST, str(port)])
+    got = count_files(get_dir)
+    if got != images:
+        raise RuntimeError(f"C-GET from {name} delivered {got} of {images}")
+    results.setdefault((name, "C-GET"), []).append(images / s)
+    shutil.rmtree(scp_dir, ignore_errors=True)
+    shutil.rmtree(get_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,21 @@ class OrthancPeer:
         except urllib.error.HTTPError as err:
             raise OrthancError(f"GET {path}: HTTP {err.code}: {err.read()[:500]!r}") from err
 
+    def post(self, path: str, body: Any, timeout: float = 90.0) -> Any:
+        """POST ``body`` as JSON to ``path`` and decode the JSON answer (``None`` when empty)."""
+        request = urllib.request.Request(
+            self.rest_url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                text = response.read()
+        except urllib.error.HTTPError as err:
+            raise OrthancError(f"POST {path}: HTTP {err.code}: {err.read()[:500]!r}") from err
+        return json.loads(text) if text.strip() else None
+
     def instances(self) -> list[dict[str, Any]]:
         """Every stored instance, with its main DICOM tags (``/instances?expand``)."""
         return list(self.get("/instances?expand"))
