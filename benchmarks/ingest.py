@@ -31,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from netns import maybe_enter_netns  # noqa: E402 - the benchmarks' own helper, beside this file
 
 from pipeline.triage.prefect_server import free_port  # noqa: E402
 
@@ -171,20 +174,9 @@ def one_run(name: str, images: Path, n: int, workdir: Path) -> float:
     return n / elapsed
 
 
-def maybe_enter_netns(argv: list[str]) -> None:
-    if os.environ.get("RADTRIAGE_BENCH_NETNS") or "--no-netns" in argv:
-        return
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        print("not root: running in the host network namespace, traffic on 127.0.0.1 only", file=sys.stderr)
-        return
-    cmd = f"ip link set lo up && exec {sys.executable} {Path(__file__).resolve()} " + " ".join(argv)
-    env = {**os.environ, "RADTRIAGE_BENCH_NETNS": "1"}
-    sys.exit(subprocess.call(["unshare", "--net", "sh", "-c", cmd], env=env))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    maybe_enter_netns(argv)
+    maybe_enter_netns(__file__, argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=320, help="512x512 CT slices per run (default 320)")
     parser.add_argument("--runs", type=int, default=3, help="runs per target, interleaved (default 3)")

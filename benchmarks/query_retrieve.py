@@ -47,6 +47,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from netns import maybe_enter_netns  # noqa: E402 - the benchmarks' own helper, beside this file
 
 from benchmarks.ingest import ENV, HOST, count_files, start_storescp, stop, wait_echo  # noqa: E402
 from pipeline.triage.prefect_server import free_port  # noqa: E402
@@ -105,18 +108,6 @@ def start_radtriage(storage: Path, store_port: int):  # type: ignore[no-untyped-
     archive = Archive(settings)
     server = start_receiver(settings, archive)  # the receiver as radtriage serve runs it
     return server, archive
-
-
-def maybe_enter_netns(argv: list[str]) -> None:
-    """As ``benchmarks/ingest.py`` does, but re-executing this file."""
-    if os.environ.get("RADTRIAGE_BENCH_NETNS") or "--no-netns" in argv:
-        return
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        print("not root: running in the host network namespace, traffic on 127.0.0.1 only", file=sys.stderr)
-        return
-    cmd = f"ip link set lo up && exec {sys.executable} {Path(__file__).resolve()} " + " ".join(argv)
-    env = {**os.environ, "RADTRIAGE_BENCH_NETNS": "1"}
-    sys.exit(subprocess.call(["unshare", "--net", "sh", "-c", cmd], env=env))
 
 
 SURNAMES = [f"{a}{b}{c}" for a in "BCDFGHKLMN" for b in "AEIOU" for c in ("RN", "LT")]  # 100, none a prefix of another
@@ -244,7 +235,7 @@ def timed(cmd: list[str]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    maybe_enter_netns(argv)
+    maybe_enter_netns(__file__, argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=300, help="512x512 CT slices in the study (default 300)")
     parser.add_argument("--runs", type=int, default=3, help="C-MOVE/C-GET runs per server, interleaved")

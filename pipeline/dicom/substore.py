@@ -32,13 +32,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
-from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import code_to_category
+
+from pipeline.dicom.syntaxes import UNCOMPRESSED, contexts_for
 
 log = logging.getLogger(__name__)
 
-MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # A transfer syntax no peer accepts: pynetdicom then fails the sub-operation of a file
 # that could not be read, and lists its SOP Instance UID as failed.
 UNSENDABLE = UID("1.2.826.0.1.3680043.10.1462.999.1")
@@ -63,14 +63,7 @@ def store_contexts(matches: Iterable[Match]) -> tuple[list[PresentationContext],
         syntaxes = stored.setdefault(m.SOPClassUID, [])
         if m.TransferSyntaxUID not in syntaxes:
             syntaxes.append(m.TransferSyntaxUID)
-    contexts: list[PresentationContext] = []
-    fitted: set[tuple[str, str]] = set()
-    for sop_class, syntaxes in stored.items():
-        for syntax_list in [[s] for s in syntaxes if s not in UNCOMPRESSED] + [list(UNCOMPRESSED)]:
-            if len(contexts) == MAX_CONTEXTS:
-                break
-            contexts.append(build_context(sop_class, syntax_list))
-            fitted.update((sop_class, s) for s in syntax_list)
+    contexts, fitted = contexts_for(stored)
     # An instance whose compressed context did not fit still goes if the uncompressed one did.
     left_out = {
         m.SOPInstanceUID

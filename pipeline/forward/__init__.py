@@ -6,7 +6,7 @@ serve`` component) delivers due jobs through :mod:`.scu`, one association per
 destination per round, with exponential backoff and a dead state after
 ``forward.max_attempts``. ``radtriage forwards`` shows the queue.
 
-May import: :mod:`pipeline.errors`, :mod:`pipeline.config`, :mod:`pipeline.index`,
+May import: :mod:`pipeline.errors`, :mod:`pipeline.config`, :mod:`pipeline.index`, :mod:`pipeline.dicom.syntaxes`,
 :mod:`pipeline.process`; it finds files through an archive it is given.
 """
 

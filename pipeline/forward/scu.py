@@ -10,21 +10,20 @@ from pathlib import Path
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
-from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from pipeline.config import DicomSettings
+from pipeline.dicom.syntaxes import contexts_for
 from pipeline.forward.queue import Outcome, Target
 
 log = logging.getLogger(__name__)
 
-MAX_CONTEXTS = 128
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # Always proposed, so a node that lacks them rejects at negotiation and says so.
 RESULT_SOP_CLASSES = (SegmentationStorage, Comprehensive3DSRStorage)
 
@@ -69,16 +68,7 @@ def _contexts(metas: dict[int, tuple[UID, UID]]) -> tuple[list[PresentationConte
             syntaxes.append(syntax)
     for sop_class in RESULT_SOP_CLASSES:
         stored.setdefault(UID(sop_class), [])
-    contexts: list[PresentationContext] = []
-    fitted: set[tuple[UID, UID]] = set()
-    for sop_class, syntaxes in stored.items():
-        # One context per stored compressed syntax (the file is sent as it is) and one
-        # with the uncompressed syntaxes, between which pynetdicom converts.
-        for syntax_list in [[s] for s in syntaxes if s not in UNCOMPRESSED] + [list(UNCOMPRESSED)]:
-            if len(contexts) == MAX_CONTEXTS:
-                break
-            contexts.append(build_context(sop_class, syntax_list))
-            fitted.update((sop_class, s) for s in syntax_list)
+    contexts, fitted = contexts_for(stored)
     left_out = {job_id for job_id, key in metas.items() if key not in fitted}
     return contexts, left_out
 
