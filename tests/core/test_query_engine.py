@@ -37,10 +37,12 @@ def _instance(patient: tuple[str, str], study: str, series: str, sop: str, **att
     return ds
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> Archive:
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def archive(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Archive:
+    """The same studies in a real SQLite index and a real PostgreSQL one: one engine, both SQLs."""
     tmp = tmp_path_factory.mktemp("query")
-    settings = Settings(storage={"data_dir": tmp / "data", "fsync": False})
+    url = request.getfixturevalue("postgres").database() if request.param == "postgresql" else ""
+    settings = Settings(storage={"data_dir": tmp / "data", "fsync": False}, index={"url": url})
     migrate(settings.index_url)
     archive = Archive(settings)
     john, jane = ("Doe^John", "P1"), ("DOE^JANE", "P2")
