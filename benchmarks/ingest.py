@@ -92,7 +92,9 @@ def start_radtriage(storage: Path, port: int) -> subprocess.Popen[bytes]:
     )
 
 
-def start_orthanc(storage: Path, port: int) -> subprocess.Popen[bytes]:
+def start_orthanc(storage: Path, port: int, extra: dict[str, object] | None = None) -> subprocess.Popen[bytes]:
+    """Orthanc with synced storage, no compression, no plugins; ``extra`` adds or overrides
+    configuration keys (``benchmarks/query_retrieve.py`` adds its Q/R rights and modalities)."""
     cfg = storage / "orthanc.json"
     cfg.write_text(
         json.dumps(
@@ -114,6 +116,7 @@ def start_orthanc(storage: Path, port: int) -> subprocess.Popen[bytes]:
                 "Plugins": [],
                 "OverwriteInstances": False,
                 "AuthenticationEnabled": False,
+                **(extra or {}),
             }
         )
     )

@@ -34,7 +34,6 @@ Usage: ``python benchmarks/query_retrieve.py [--studies 10000] [--finds 40] [--i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -49,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import ingest  # noqa: E402 - the ingest benchmark's Orthanc, beside this file
 from netns import maybe_enter_netns  # noqa: E402 - the benchmarks' own helper, beside this file
 
 from benchmarks.ingest import ENV, HOST, count_files, start_storescp, stop, wait_echo  # noqa: E402
@@ -57,33 +57,15 @@ from pipeline.triage.prefect_server import free_port  # noqa: E402
 
 def start_orthanc(storage: Path, port: int, store_port: int) -> subprocess.Popen[bytes]:
     """Orthanc as in ``benchmarks/ingest.py``, plus the storescp destination and the SCUs."""
-    cfg = storage / "orthanc.json"
-    cfg.write_text(
-        json.dumps(
-            {
-                "Name": "bench",
-                "StorageDirectory": str(storage / "db"),
-                "IndexDirectory": str(storage / "db"),
-                "DicomAet": "ORTHANC",
-                "DicomPort": port,
-                "HttpPort": free_port(),
-                "RemoteAccessAllowed": False,
-                "DicomCheckCalledAet": False,
-                "DicomAlwaysAllowStore": True,
-                "DicomAlwaysAllowEcho": True,
-                "DicomAlwaysAllowFind": True,
-                "DicomAlwaysAllowMove": True,
-                "DicomAlwaysAllowGet": True,
-                "DicomModalities": {"storescp": ["STORESCP", HOST, store_port], "getscu": ["GETSCU", HOST, 104]},
-                "SyncStorageArea": True,
-                "StorageCompression": False,
-                "Plugins": [],
-                "AuthenticationEnabled": False,
-            }
-        )
-    )
-    return subprocess.Popen(
-        ["Orthanc", str(cfg)], env=ENV, stdout=subprocess.DEVNULL, stderr=(storage / "log.txt").open("wb")
+    return ingest.start_orthanc(
+        storage,
+        port,
+        {
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowMove": True,
+            "DicomAlwaysAllowGet": True,
+            "DicomModalities": {"storescp": ["STORESCP", HOST, store_port], "getscu": ["GETSCU", HOST, 104]},
+        },
     )
 
 

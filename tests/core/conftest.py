@@ -7,10 +7,12 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pynetdicom.transport import ThreadedAssociationServer
 
 from pipeline.archive import Archive
 from pipeline.config import Settings
@@ -37,20 +39,29 @@ class Receiver:
     settings: Settings
     archive: Archive
     port: int
+    server: ThreadedAssociationServer
+
+
+@contextmanager
+def running_receiver(tmp: Path, **dicom: object) -> Iterator[Receiver]:
+    """An in-process receiver on a free loopback port, with a fresh archive in ``tmp`` and
+    ``[dicom]`` overrides; stopped (and its index closed) on exit."""
+    settings = make_settings(tmp, **dicom)
+    migrate(settings.index_url)
+    archive = Archive(settings)
+    server = start_receiver(settings, archive)
+    try:
+        yield Receiver(settings, archive, int(server.server_address[1]), server)
+    finally:
+        server.shutdown()
+        archive.engine.dispose()
 
 
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[Receiver]:
     """An in-process receiver on a free loopback port, with a fresh archive."""
-    settings = make_settings(tmp_path)
-    migrate(settings.index_url)
-    archive = Archive(settings)
-    server = start_receiver(settings, archive)
-    try:
-        yield Receiver(settings, archive, int(server.server_address[1]))
-    finally:
-        server.shutdown()
-        archive.engine.dispose()
+    with running_receiver(tmp_path) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -22,10 +22,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
-from pipeline.archive import Archive
-from pipeline.dicom.receiver import start_receiver
-from pipeline.index.db import migrate
-from tests.core.conftest import ENV, HOST, Receiver, make_settings
+from tests.core.conftest import ENV, HOST, Receiver, running_receiver
 from tests.core.test_header_fuzz import CT, _nested
 
 pytestmark = pytest.mark.slow  # receivers on loopback and dcmtk peers
@@ -86,15 +83,8 @@ def hostile(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Receiver
         "max_associations_per_address": 8,
         **getattr(request, "param", {}),
     }
-    settings = make_settings(tmp_path, **dicom)
-    migrate(settings.index_url)
-    archive = Archive(settings)
-    server = start_receiver(settings, archive)
-    try:
-        yield Receiver(settings, archive, int(server.server_address[1]))
-    finally:
-        server.shutdown()
-        archive.engine.dispose()
+    with running_receiver(tmp_path, **dicom) as running:
+        yield running
 
 
 @pytest.mark.parametrize(

@@ -60,17 +60,10 @@ def test_resend_is_acknowledged_and_stored_once(receiver: Receiver, study_files:
 
 
 def test_unknown_calling_ae_rejected_allowed_accepted(tmp_path: Path, study_files: list[Path]) -> None:
-    from pipeline.archive import Archive
-    from pipeline.dicom.receiver import start_receiver
-    from pipeline.index.db import migrate
-    from tests.core.conftest import make_settings
+    from tests.core.conftest import running_receiver
 
-    settings = make_settings(tmp_path, allowed_aes=["CT_SCANNER"])
-    migrate(settings.index_url)
-    archive = Archive(settings)
-    server = start_receiver(settings, archive)
-    port = int(server.server_address[1])
-    try:
+    with running_receiver(tmp_path, allowed_aes=["CT_SCANNER"]) as running:
+        port, archive = running.port, running.archive
         rejected = storescu(port, study_files[0], aet="INTRUDER")
         assert rejected.returncode != 0
         assert "Calling AE Title Not Recognized" in rejected.stdout + rejected.stderr
@@ -78,9 +71,6 @@ def test_unknown_calling_ae_rejected_allowed_accepted(tmp_path: Path, study_file
         assert accepted.returncode == 0 and statuses(accepted) == [0]
         with session_scope(archive.session_factory, readonly=True) as session:
             assert session.scalar(select(func.count(Instance.id))) == 1
-    finally:
-        server.shutdown()
-        archive.engine.dispose()
 
 
 def test_studies_cli_lists_state_and_counts(receiver: Receiver, study_files: list[Path], tmp_path: Path) -> None:

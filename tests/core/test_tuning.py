@@ -21,12 +21,9 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from pipeline.archive import Archive
 from pipeline.dicom import tuning
-from pipeline.dicom.receiver import start_receiver
-from pipeline.index.db import migrate
 
-from .conftest import HOST, make_settings
+from .conftest import HOST, running_receiver
 
 pytestmark = pytest.mark.slow  # a receiver on loopback
 
@@ -63,16 +60,13 @@ def test_the_receivers_associations_are_tuned_and_pynetdicom_uses_the_tuning(
     monkeypatch.setattr(tuning._LowLatencySocket, "recv", counting_recv)
     monkeypatch.setattr(tuning._ReactorClock, "sleep", counting_sleep)
 
-    settings = make_settings(tmp_path)
-    migrate(settings.index_url)
-    archive = Archive(settings)
-    server = start_receiver(settings, archive)
-    try:
+    with running_receiver(tmp_path) as running:
+        server = running.server
         assert tuning.contexts_are_cheap(server)
         ae = AE(ae_title="TUNINGTEST")
         ae.add_requested_context(Verification)
         ae.add_requested_context(CTImageStorage)
-        assoc = ae.associate(HOST, int(server.server_address[1]), ae_title="RADTRIAGE")
+        assoc = ae.associate(HOST, running.port, ae_title="RADTRIAGE")
         assert assoc.is_established
         try:
             deadline = time.monotonic() + 5
@@ -84,9 +78,6 @@ def test_the_receivers_associations_are_tuned_and_pynetdicom_uses_the_tuning(
             assert assoc.send_c_store(dcmread(study_files[0])).Status == 0x0000
         finally:
             assoc.release()
-    finally:
-        server.shutdown()
-        archive.engine.dispose()
     # pynetdicom still reads PDUs through the tuned socket and polls through the tuned clock.
     assert calls["ready"] > 0 and calls["recv"] > 0 and calls["wake_wait"] > 0, calls
 
