@@ -50,6 +50,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.config import Settings
 from pipeline.dicom.audit import audit_dimse
 from pipeline.dicom.peers import may
+from pipeline.dicom.status import (
+    STATUS_CANCELLED,
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_NOT_AUTHORISED,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PENDING,
+    STATUS_SOP_CLASS_MISMATCH,
+    STATUS_SUCCESS,
+)
 from pipeline.index.db import is_transient
 from pipeline.index.query import BadValueError, IdentifierError, InformationModel, Level, Query, find, validate
 
@@ -60,13 +69,6 @@ FIND_MODELS = {
     str(StudyRootQueryRetrieveInformationModelFind): InformationModel.STUDY_ROOT,
 }
 
-STATUS_PENDING = 0xFF00
-STATUS_SUCCESS = 0x0000
-STATUS_CANCELLED = 0xFE00
-STATUS_NOT_AUTHORISED = 0x0124
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_IDENTIFIER_MISMATCH = 0xA900
-STATUS_UNABLE_TO_PROCESS = 0xC000
 
 _NOT_ECHOED = ("QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle")
 
@@ -104,14 +106,14 @@ def query_from_identifier(identifier: Dataset, model: InformationModel, settings
             if elem.keyword and elem.keyword not in _NOT_ECHOED and elem.VR != "SQ":
                 keys[elem.keyword] = _text(elem.value)
     except Exception as err:  # noqa: BLE001 - pydicom raises many types for a malformed element
-        raise _Refused(STATUS_UNABLE_TO_PROCESS, f"identifier does not decode: {err}") from None
+        raise _Refused(STATUS_CANNOT_UNDERSTAND, f"identifier does not decode: {err}") from None
     if not level_text:
-        raise _Refused(STATUS_UNABLE_TO_PROCESS, "QueryRetrieveLevel is missing")
+        raise _Refused(STATUS_CANNOT_UNDERSTAND, "QueryRetrieveLevel is missing")
     try:
         level = Level(level_text)
     except ValueError:
         raise _Refused(
-            STATUS_UNABLE_TO_PROCESS, f"QueryRetrieveLevel {level_text[:16]!r} is not PATIENT/STUDY/SERIES/IMAGE"
+            STATUS_CANNOT_UNDERSTAND, f"QueryRetrieveLevel {level_text[:16]!r} is not PATIENT/STUDY/SERIES/IMAGE"
         ) from None
     return Query(level, model, keys, strict_names=settings.dicom.strict_person_name_matching)
 
@@ -214,7 +216,7 @@ def handle_find(
         try:
             identifier = event.identifier
         except Exception as err:  # noqa: BLE001 - pynetdicom's decode raises many types
-            raise _Refused(STATUS_UNABLE_TO_PROCESS, f"identifier does not decode: {err}") from None
+            raise _Refused(STATUS_CANNOT_UNDERSTAND, f"identifier does not decode: {err}") from None
         query = query_from_identifier(identifier, model, settings)
         described = _describe(query)
         uid = query.keys.get("StudyInstanceUID", "")
@@ -232,12 +234,12 @@ def handle_find(
         yield _failure(err.status, str(err)), None
         return
     except IdentifierError as err:
-        finish(STATUS_IDENTIFIER_MISMATCH, str(err))
-        yield _failure(STATUS_IDENTIFIER_MISMATCH, str(err)), None
+        finish(STATUS_SOP_CLASS_MISMATCH, str(err))
+        yield _failure(STATUS_SOP_CLASS_MISMATCH, str(err)), None
         return
     except BadValueError as err:
-        finish(STATUS_UNABLE_TO_PROCESS, str(err))
-        yield _failure(STATUS_UNABLE_TO_PROCESS, str(err)), None
+        finish(STATUS_CANNOT_UNDERSTAND, str(err))
+        yield _failure(STATUS_CANNOT_UNDERSTAND, str(err)), None
         return
     except DBAPIError as err:
         if not is_transient(err):

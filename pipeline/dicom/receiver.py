@@ -61,6 +61,13 @@ from pipeline.config import DicomSettings, PeerRight, Settings
 from pipeline.dicom.find import FIND_MODELS, handle_find
 from pipeline.dicom.peers import may
 from pipeline.dicom.retrieve import add_retrieve_contexts, retrieve_handlers
+from pipeline.dicom.status import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_INVALID_UID,
+    STATUS_NOT_AUTHORISED,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SOP_CLASS_MISMATCH,
+)
 from pipeline.dicom.syntaxes import TRANSFER_SYNTAXES
 from pipeline.dicom.tuning import (
     PduLimits,
@@ -74,16 +81,10 @@ from pipeline.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_SOP_CLASS_MISMATCH = 0xA900
-STATUS_CANNOT_PARSE = 0xC000
-STATUS_INVALID_UID = 0xC001
-STATUS_NOT_AUTHORISED = 0x0124
-
 _FAILURES: list[tuple[type[Exception], int]] = [
     (OutOfResourcesError, STATUS_OUT_OF_RESOURCES),
     (SOPClassMismatchError, STATUS_SOP_CLASS_MISMATCH),
-    (DatasetError, STATUS_CANNOT_PARSE),
+    (DatasetError, STATUS_CANNOT_UNDERSTAND),
     (InvalidUIDError, STATUS_INVALID_UID),
 ]
 

@@ -53,6 +53,13 @@ from pipeline.archive import Archive
 from pipeline.config import Settings
 from pipeline.dicom.audit import audit_dimse
 from pipeline.dicom.peers import may, move_destination
+from pipeline.dicom.status import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_NOT_AUTHORISED,
+    STATUS_SOP_CLASS_MISMATCH,
+    STATUS_TOO_MANY_MATCHES,
+    STATUS_UNKNOWN_DESTINATION,
+)
 from pipeline.dicom.substore import (
     Match,
     StoreAssociation,
@@ -68,6 +75,7 @@ from pipeline.dicom.substore import (
 from pipeline.dicom.syntaxes import TRANSFER_SYNTAXES
 from pipeline.dicom.tuning import advertised_pdu_size
 from pipeline.index.db import session_scope
+from pipeline.index.query import UNIQUE_KEYS  # keyed by Level, a str enum: "STUDY" finds it
 from pipeline.index.schema import Instance, Patient, Series, Study
 
 log = logging.getLogger(__name__)
@@ -80,12 +88,6 @@ MODELS = {
     StudyRootQueryRetrieveInformationModelMove: STUDY_ROOT,
     StudyRootQueryRetrieveInformationModelGet: STUDY_ROOT,
 }
-UNIQUE_KEYS = {
-    "PATIENT": "PatientID",
-    "STUDY": "StudyInstanceUID",
-    "SERIES": "SeriesInstanceUID",
-    "IMAGE": "SOPInstanceUID",
-}
 _COLUMNS = {
     "PatientID": Patient.PatientID,
     "StudyInstanceUID": Study.StudyInstanceUID,
@@ -96,12 +98,6 @@ _COLUMNS = {
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_SUBOPERATIONS = 65535  # Number of ... Sub-operations are US
 _IN_CHUNK = 500  # values per SQL IN (): far below SQLite's and PostgreSQL's parameter limits
-
-STATUS_NOT_AUTHORISED = 0x0124
-STATUS_UNKNOWN_DESTINATION = 0xA801
-STATUS_IDENTIFIER_MISMATCH = 0xA900
-STATUS_CANNOT_PROCESS = 0xC000
-STATUS_TOO_MANY = 0xA701
 
 
 class Refusal(Exception):
@@ -135,7 +131,7 @@ def parse_identifier(identifier: Dataset, model: tuple[str, ...]) -> tuple[str, 
     """
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     if level not in model:
-        raise Refusal(STATUS_IDENTIFIER_MISMATCH, f"QueryRetrieveLevel {level!r} is not one of {'/'.join(model)}")
+        raise Refusal(STATUS_SOP_CLASS_MISMATCH, f"QueryRetrieveLevel {level!r} is not one of {'/'.join(model)}")
     depth = model.index(level)
     keys: dict[str, list[str]] = {}
     for i, lvl in enumerate(model):
@@ -143,16 +139,16 @@ def parse_identifier(identifier: Dataset, model: tuple[str, ...]) -> tuple[str, 
         values = _values(identifier, keyword)
         if i > depth:
             if values is not None:
-                raise Refusal(STATUS_IDENTIFIER_MISMATCH, f"{keyword} is below the {level} retrieve level")
+                raise Refusal(STATUS_SOP_CLASS_MISMATCH, f"{keyword} is below the {level} retrieve level")
             continue
         if not values:
-            raise Refusal(STATUS_IDENTIFIER_MISMATCH, f"unique key {keyword} missing for a {level} retrieve")
+            raise Refusal(STATUS_SOP_CLASS_MISMATCH, f"unique key {keyword} missing for a {level} retrieve")
         if len(values) > 1 and (i < depth or keyword == "PatientID"):
-            raise Refusal(STATUS_IDENTIFIER_MISMATCH, f"{keyword} must have one value at a {level} retrieve")
+            raise Refusal(STATUS_SOP_CLASS_MISMATCH, f"{keyword} must have one value at a {level} retrieve")
         if keyword != "PatientID":
             bad = next((v for v in values if len(v) > 64 or not _UID.match(v)), None)
             if bad is not None:
-                raise Refusal(STATUS_CANNOT_PROCESS, f"{keyword} {bad[:30]!r} is not a UID")
+                raise Refusal(STATUS_CANNOT_UNDERSTAND, f"{keyword} {bad[:30]!r} is not a UID")
         keys[keyword] = values
     return level, keys
 
@@ -213,7 +209,7 @@ class _Retrieve:
         try:
             identifier = self.event.identifier
         except (ValueError, TypeError, AttributeError, KeyError, IndexError, EOFError, OverflowError) as err:
-            raise Refusal(STATUS_CANNOT_PROCESS, f"identifier cannot be decoded: {err}") from None
+            raise Refusal(STATUS_CANNOT_UNDERSTAND, f"identifier cannot be decoded: {err}") from None
         # What was asked, for the log and the audit, before anything is judged.
         self.request = " ".join(f"{e.keyword or e.tag}={str(e.value)[:200]}" for e in identifier)[:512]
         if not may(self.settings.dicom, self.calling, "retrieve"):
@@ -224,7 +220,7 @@ class _Retrieve:
         self.study_uid = keys.get("StudyInstanceUID", [""])[0]
         self.matches = resolve(self.archive, keys, UNIQUE_KEYS[level])
         if len(self.matches) > MAX_SUBOPERATIONS:
-            raise Refusal(STATUS_TOO_MANY, f"{len(self.matches)} instances match; retrieve by series")
+            raise Refusal(STATUS_TOO_MANY_MATCHES, f"{len(self.matches)} instances match; retrieve by series")
         if self.matches and not self.study_uid:
             self.study_uid = self.matches[0].StudyInstanceUID
 

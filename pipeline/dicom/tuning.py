@@ -125,8 +125,7 @@ class PduLimits:
 
     @property
     def max_p_data_length(self) -> int:
-        size = self.max_pdu_size if 0 < self.max_pdu_size <= PDU_HARD_CAP else PDU_HARD_CAP
-        return size + _PDU_SLACK
+        return advertised_pdu_size(self.max_pdu_size) + _PDU_SLACK
 
 
 def advertised_pdu_size(max_pdu_size: int) -> int:
