@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from pipeline.config import Settings
 from pipeline.index.db import session_scope
 from pipeline.web.auth import SESSION_COOKIE, Authenticator, AuthUser, LockedOut, load_secret
-from pipeline.web.context import ArchiveFiles, WebContext
+from pipeline.web.context import ArchiveFiles, WebContext, client_address
 from pipeline.web.imaging import SliceRenderer
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,6 @@ CONTENT_SECURITY_POLICY = (
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
 HSTS = "max-age=31536000"
-
-
-def _client(request: Request) -> str:
-    return request.client.host if request.client else ""
 
 
 def relative_time(when: datetime | None, now: datetime | None = None) -> str:
@@ -97,7 +93,7 @@ def _authenticate(ctx: WebContext, request: Request) -> tuple[AuthUser | None, R
                 name, password = "", ""
             try:
                 with session_scope(ctx.session_factory) as session:
-                    user = ctx.authenticator.verify(session, name, password, _client(request), cached=True)
+                    user = ctx.authenticator.verify(session, name, password, client_address(request), cached=True)
             except LockedOut as err:
                 request.state.audit_user = name
                 request.state.audit_action = "login locked out"
@@ -189,7 +185,7 @@ async def _login_then_handle(ctx: WebContext, request: Request, call_next: Any, 
             await run_in_threadpool(
                 ctx.audit,
                 username=getattr(request.state, "audit_user", ""),
-                remote_addr=_client(request),
+                remote_addr=client_address(request),
                 method=request.method,
                 path=path,
                 status_code=refusal.status_code,
@@ -207,7 +203,7 @@ def _audit_request(ctx: WebContext, request: Request, status_code: int, detail: 
     user = request.state.user
     ctx.audit(
         username=user.username if user else getattr(request.state, "audit_user", ""),
-        remote_addr=_client(request),
+        remote_addr=client_address(request),
         method=request.method,
         path=request.url.path + (f"?{request.url.query}" if request.url.query else ""),
         status_code=status_code,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from fastapi import Request
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,6 +20,12 @@ from pipeline.web.auth import Authenticator
 from pipeline.web.imaging import SliceRenderer
 
 log = logging.getLogger(__name__)
+
+
+def client_address(request: Request) -> str:
+    """The client's address as the audit log and the lockout count it: the TCP peer, or
+    what a ``[web] trusted_proxies`` proxy forwarded (uvicorn has already applied that)."""
+    return request.client.host if request.client else ""
 
 
 class ArchiveFiles(Protocol):

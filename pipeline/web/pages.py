@@ -26,7 +26,7 @@ from pipeline.web.auth import (
     login_csrf_ok,
     login_csrf_token,
 )
-from pipeline.web.context import WebContext, received_series, series_slices, study_instance
+from pipeline.web.context import WebContext, client_address, received_series, series_slices, study_instance
 from pipeline.web.imaging import OVERLAYS, WINDOWS, NotAnImage, default_window
 from pipeline.web.worklist import (
     BadSearch,
@@ -124,7 +124,7 @@ def login(
     csrf_token: str = Form(""),
 ) -> Response:
     ctx = _ctx(request)
-    remote = request.client.host if request.client else ""
+    remote = client_address(request)
     request.state.audit_user = username[:64]
     if _from_browser(request) and not login_csrf_ok(ctx.secret, request.cookies.get(LOGIN_COOKIE, ""), csrf_token):
         request.state.audit_action = "login refused: form token"
