@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, _config
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pipeline.archive import Archive
@@ -124,3 +127,26 @@ def require_tool(name: str) -> str:
     found = shutil.which(name)
     assert found, f"{name} not found: run `make test` (it installs dcmtk and dicom3tools)"
     return found
+
+
+def send_file_as_is(
+    port: int, path: Path, *, sop_class: str | None = None, transfer_syntax: str | None = None
+) -> Dataset:
+    """C-STORE a file's dataset bytes as they are (pynetdicom's documented
+    STORE_SEND_CHUNKED_DATASET mode): no re-encoding, so broken or hostile bytes arrive
+    as written. The context is the File Meta's SOP Class and transfer syntax unless
+    given. Returns the C-STORE response."""
+    meta = read_file_meta_info(path)
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(sop_class or meta.MediaStorageSOPClassUID, transfer_syntax or meta.TransferSyntaxUID)
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    assoc = ae.associate(HOST, port, ae_title="RADTRIAGE")
+    try:
+        assert assoc.is_established
+        status = assoc.send_c_store(path)
+        assert "Status" in status, "no C-STORE response"
+        return status
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+        assoc.release()

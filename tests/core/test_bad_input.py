@@ -12,18 +12,17 @@ import pytest
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import MRImageStorage
-from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import func, select
 
 from pipeline.index.db import session_scope
 from pipeline.index.schema import Instance
 from tests.core.conftest import (
-    HOST,
     Receiver,
     ServeProcess,
     dataset_bytes,
     echoscu,
+    send_file_as_is,
     statuses,
     storescu,
     write_config,
@@ -90,21 +89,8 @@ def test_missing_or_malformed_uid(
 
 def _send_file_as_is(port: int, path: Path) -> int:
     """C-STORE a file's dataset bytes as they are: the request announces the File Meta's
-    SOP Class/Instance UID (pynetdicom's documented STORE_SEND_CHUNKED_DATASET mode)."""
-    meta = read_file_meta_info(path)
-    ae = AE(ae_title="STORESCU")
-    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
-    previous = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    assoc = ae.associate(HOST, port, ae_title="RADTRIAGE")
-    try:
-        assert assoc.is_established
-        status = assoc.send_c_store(path)
-        assert "Status" in status, "no C-STORE response"
-        return int(status.Status)
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = previous
-        assoc.release()
+    SOP Class/Instance UID."""
+    return int(send_file_as_is(port, path).Status)
 
 
 def _with_body(src: Path, dst: Path, body: bytes) -> Path:

@@ -19,10 +19,10 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.core.conftest import ENV, HOST, Receiver, running_receiver
+from tests.core.conftest import ENV, HOST, Receiver, running_receiver, send_file_as_is
 from tests.core.test_header_fuzz import CT, _nested
 
 pytestmark = pytest.mark.slow  # receivers on loopback and dcmtk peers
@@ -139,20 +139,9 @@ def _deflated_file(path: Path, inflated_bytes: int) -> Path:
 
 
 def _send_file(port: int, path: Path, transfer_syntax: str) -> tuple[int, str]:
-    """C-STORE a file's dataset bytes as they are (pynetdicom's chunked mode)."""
-    ae = AE(ae_title="STORESCU")
-    ae.add_requested_context(CT, transfer_syntax)
-    previous = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    assoc = ae.associate(HOST, port, ae_title="RADTRIAGE")
-    try:
-        assert assoc.is_established
-        status = assoc.send_c_store(path)
-        assert "Status" in status, "no C-STORE response"
-        return int(status.Status), str(status.get("ErrorComment", ""))
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = previous
-        assoc.release()
+    """C-STORE a file's dataset bytes as they are, as CT in ``transfer_syntax``."""
+    status = send_file_as_is(port, path, sop_class=CT, transfer_syntax=transfer_syntax)
+    return int(status.Status), str(status.get("ErrorComment", ""))
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

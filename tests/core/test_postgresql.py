@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from pipeline.archive import Archive
 from pipeline.config import Settings
 from pipeline.dicom.receiver import start_receiver
-from pipeline.index.db import create_index_engine, migrate, session_scope
+from pipeline.index.db import migrate, session_scope
 from pipeline.index.schema import Instance, Study, StudyState
 from pipeline.triage.stability import sweep_once
 from pipeline.web.worklist import get_worklist_item, list_worklist, set_read
@@ -23,20 +23,9 @@ pytestmark = pytest.mark.slow  # a PostgreSQL server
 
 
 def test_migrations_on_postgresql_match_the_models(postgres: PostgresServer) -> None:
-    from alembic.autogenerate import compare_metadata
-    from alembic.migration import MigrationContext
+    from tests.schema import drift_after_migrations
 
-    import pipeline.index.accounts
-    import pipeline.index.triage  # noqa: F401 - all tables on Base.metadata
-    from pipeline.index.schema import Base
-
-    url = postgres.database()
-    migrate(url)
-    migrate(url)  # idempotent
-    engine = create_index_engine(url)
-    with engine.connect() as connection:
-        diffs = compare_metadata(MigrationContext.configure(connection), Base.metadata)
-    engine.dispose()
+    diffs = drift_after_migrations(postgres.database(), times=2)  # twice: idempotent
     assert diffs == []
 
 

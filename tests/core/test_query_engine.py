@@ -183,18 +183,7 @@ def test_pages_cover_every_match(archive: Archive) -> None:
 
 
 def test_migration_0004_matches_the_models(tmp_path: Path) -> None:
-    from alembic.autogenerate import compare_metadata
-    from alembic.migration import MigrationContext
+    from tests.schema import drift_after_migrations
 
-    import pipeline.index.accounts
-    import pipeline.index.triage  # noqa: F401 - all tables on Base.metadata
-    from pipeline.index.db import create_index_engine
-    from pipeline.index.schema import Base
-
-    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
-    migrate(url)
-    engine = create_index_engine(url)
-    with engine.connect() as connection:
-        diffs = compare_metadata(MigrationContext.configure(connection), Base.metadata)
-    engine.dispose()
+    diffs = drift_after_migrations(f"sqlite:///{tmp_path / 'index.sqlite'}")
     assert diffs == []

@@ -9,16 +9,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 
-import pipeline.index.accounts
-import pipeline.index.triage  # noqa: F401 - all tables on Base.metadata
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
-from pipeline.index.db import create_index_engine, migrate
-from pipeline.index.schema import Base
+from pipeline.index.db import migrate
 from pipeline.web import WebServer
+from tests.schema import drift_after_migrations
 
 from .conftest import WebEnv
 
@@ -28,12 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_migration_0003_creates_exactly_the_web_tables(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
-    migrate(url)
-    engine = create_index_engine(url)
-    with engine.connect() as connection:
-        diffs = compare_metadata(MigrationContext.configure(connection), Base.metadata)
-    engine.dispose()
+    diffs = drift_after_migrations(f"sqlite:///{tmp_path / 'index.sqlite'}")
     ours = [d for d in diffs if "web_" in repr(d)]
     assert ours == [], ours
 
