@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := dcmtk dicom3tools orthanc chromium chromium-driver postgresql
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium chromium-driver postgresql
 CONFIG ?= config/default.toml
 PYTEST_ARGS ?=
 

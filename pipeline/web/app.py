@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 PUBLIC_PATHS = {"/login", "/health", "/favicon.ico"}
+# Paths programs call: no login answers 401 (never a redirect to the login page), and
+# HTTP Basic is accepted besides the session cookie.
+PROGRAM_PREFIXES = ("/api/", "/dicom-web/")
+
+
+def is_program_path(path: str) -> bool:
+    return path.startswith(PROGRAM_PREFIXES) or path == "/dicom-web"
 # Only this server's own files run or style a page: an injected <script> or inline
 # handler does nothing. (study.html's slice list is a JSON data block, not a script.)
 CONTENT_SECURITY_POLICY = (
@@ -84,7 +91,7 @@ def _authenticate(ctx: WebContext, request: Request) -> tuple[AuthUser | None, R
         user = ctx.authenticator.resume_session(session, token)
     if user is not None:
         return user, None
-    if request.url.path.startswith("/api/"):
+    if is_program_path(request.url.path):
         header = request.headers.get("authorization", "")
         if header[:6].lower() == "basic ":
             try:
@@ -127,6 +134,7 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], archi
         normally :class:`pipeline.archive.Archive`.
     """
     from pipeline.web import api, pages
+    from pipeline.web.dicomweb import build_router as dicomweb_router
 
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["relative_time"] = relative_time
@@ -152,6 +160,7 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], archi
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(pages.router)
     app.include_router(api.router)
+    app.include_router(dicomweb_router())
 
     @app.middleware("http")
     async def login_and_audit(request: Request, call_next: Any) -> Response:
@@ -232,6 +241,6 @@ async def _server_error(ctx: WebContext, request: Request, err: Exception) -> Re
     except Exception:  # noqa: BLE001 - ctx.audit logs its own failures; nothing more to do
         pass
     message = f"internal error (request {request_id}); the administrator can look it up in the log"
-    if request.url.path.startswith("/api/"):
+    if is_program_path(request.url.path):
         return JSONResponse({"detail": message, "request_id": request_id}, status_code=500)
     return PlainTextResponse(message, status_code=500)

@@ -75,6 +75,11 @@ class AuthUser:
         return self.role is Role.admin
 
 
+def may_store(user: AuthUser) -> bool:
+    """Whether ``user`` may add instances to the archive (STOW-RS)."""
+    return user.role is Role.admin
+
+
 class LockedOut(RadtriageError):
     """Too many wrong passwords: refused until ``retry_after`` seconds have passed."""
 
