@@ -1,4 +1,4 @@
-"""One query engine over the index, for C-FIND today and QIDO-RS later.
+"""One query engine over the index, for C-FIND and QIDO-RS.
 
 A :class:`Query` names a level, an information model and the keys asked for (keyword →
 the DICOM string value, ``""`` for universal matching). :func:`validate` checks the
@@ -87,6 +87,9 @@ class Query:
     model: InformationModel = InformationModel.STUDY_ROOT
     keys: Mapping[str, str] = field(default_factory=dict)
     strict_names: bool = False
+    # Relational queries (PS3.4 C.4.1.2.2.1; QIDO-RS ``/series`` and ``/instances``):
+    # the unique keys of the levels above may be absent or match many.
+    relational: bool = False
 
 
 # keyword -> (level, VR, column or None). Columns are held; None: computed or not held.
@@ -159,6 +162,17 @@ UNIQUE_KEYS = {
 _TABLE = {Level.PATIENT: Patient, Level.STUDY: Study, Level.SERIES: Series, Level.IMAGE: Instance}
 
 
+def returnable_keys(level: Level, model: InformationModel = InformationModel.STUDY_ROOT) -> list[str]:
+    """Every keyword the index holds or computes at ``level`` and the levels above it."""
+    keys = [*_HELD, *_COMPUTED]
+    return [kw for kw in keys if (lv := level_of(kw, model)) is not None and lv.depth <= level.depth]
+
+
+def is_known(keyword: str) -> bool:
+    """Whether the engine knows the level of ``keyword`` (held, computed or returned empty)."""
+    return keyword in _LEVEL_OF
+
+
 def level_of(keyword: str, model: InformationModel) -> Level | None:
     """The level ``keyword`` belongs to in ``model`` (``None``: unknown, or of no level)."""
     level = _LEVEL_OF.get(keyword)
@@ -182,6 +196,8 @@ def validate(query: Query) -> None:
     )
     if below:
         raise IdentifierError(f"keys below the {query.level.value} level: {', '.join(below)}")
+    if query.relational:
+        return
     top = Level.PATIENT if query.model is InformationModel.PATIENT_ROOT else Level.STUDY
     for level in list(Level)[top.depth : query.level.depth]:
         key = UNIQUE_KEYS[level]
@@ -382,23 +398,36 @@ def _modalities(session: Session, study_ids: list[int]) -> dict[int, str]:
 
 
 def find(
-    session_factory: sessionmaker[Session], query: Query, *, page_size: int = PAGE_SIZE
+    session_factory: sessionmaker[Session],
+    query: Query,
+    *,
+    page_size: int = PAGE_SIZE,
+    offset: int = 0,
+    newest_first: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Yield the matches of ``query`` in index order, one page per short read transaction.
 
     Each match maps every requested keyword the index holds or computes to its value
     (``None`` when empty), plus ``SpecificCharacterSet`` (as received, ``""`` default).
-    A consumer that stops iterating (a C-CANCEL) stops the queries. Raises
-    :class:`QueryError` (before the first match) for a query it cannot run.
+    A consumer that stops iterating (a C-CANCEL, a QIDO ``limit``) stops the queries.
+    ``offset`` skips that many matches (QIDO-RS); ``newest_first`` yields the most
+    recently indexed first (a web study list). Raises :class:`QueryError` (before the
+    first match) for a query it cannot run.
     """
     validate(query)
     stmt, names = _select(query)
     want_modalities = "ModalitiesInStudy" in query.keys and query.level.depth >= Level.STUDY.depth
     table = _TABLE[query.level]
-    last = 0
+    last: int | None = None
     while True:
+        page = stmt
+        if last is not None:
+            page = page.where(table.id < last if newest_first else table.id > last)
+        page = page.order_by(table.id.desc() if newest_first else table.id)
+        if last is None and offset:
+            page = page.offset(offset)
         with session_scope(session_factory, readonly=True) as session:
-            rows = session.execute(stmt.where(table.id > last).order_by(table.id).limit(page_size)).all()
+            rows = session.execute(page.limit(page_size)).all()
             modalities = _modalities(session, sorted({r._study_id for r in rows})) if want_modalities and rows else {}
         for row in rows:
             match: dict[str, Any] = {name: getattr(row, name) for name in names}

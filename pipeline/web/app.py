@@ -134,7 +134,7 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], archi
         normally :class:`pipeline.archive.Archive`.
     """
     from pipeline.web import api, pages
-    from pipeline.web.dicomweb import build_router as dicomweb_router
+    from pipeline.web.dicomweb.routes import build_router as dicomweb_router
 
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["relative_time"] = relative_time

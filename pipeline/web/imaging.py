@@ -130,6 +130,65 @@ def draw_overlay(
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def _first(value: object) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value[0] if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else value)  # type: ignore[arg-type,index]
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def frame_pixels(ds: pydicom.Dataset, frame: int = 0) -> np.ndarray:
+    """Frame ``frame`` (0-based) of ``ds`` as stored values (rows, columns[, samples])."""
+    if "PixelData" not in ds:
+        raise NotAnImage(f"{ds.get('Modality', 'the object')} {ds.get('SOPInstanceUID', '')} has no pixel data")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if not 0 <= frame < frames:
+        raise NotAnImage(f"frame {frame + 1} is beyond the {frames} frame(s) of the instance")
+    pixels = ds.pixel_array
+    return pixels[frame] if frames > 1 else pixels
+
+
+def render_frame(
+    ds: pydicom.Dataset,
+    frame: int = 0,
+    *,
+    window: tuple[float, float] | None = None,
+    size: tuple[int, int] | None = None,
+    media_type: str = "image/png",
+    quality: int = 90,
+) -> bytes:
+    """One frame as PNG or JPEG for a viewer: modality LUT, then ``window`` (centre,
+    width), else the instance's own window, else its value range; MONOCHROME1 inverted;
+    fitted into ``size`` (width, height) keeping the aspect ratio."""
+    pixels = frame_pixels(ds, frame)
+    if pixels.ndim == 3:  # colour: as it is
+        image = Image.fromarray(pixels.astype(np.uint8))
+    else:
+        values = apply_modality_lut(pixels, ds)
+        if window is None:
+            centre, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+            if centre is None or width is None:
+                low, high = float(np.min(values)), float(np.max(values))
+                centre, width = (low + high) / 2, max(high - low, 1.0)
+            window = (centre, width)
+        grey = window_to_grey(values, *window)
+        if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+            grey = 255 - grey
+        image = Image.fromarray(grey)
+    if size is not None:
+        image.thumbnail(size, Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    if media_type == "image/jpeg":
+        image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(
+            buffer, format="JPEG", quality=quality
+        )
+    else:
+        image.save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
+
+
 class SliceRenderer:
     """Renders slices as PNG, caching both the PNGs and the parsed SEGs.
 

@@ -11,8 +11,11 @@ by the app's middleware with the study it touched (``request.state.audit_study``
 ``wado``       instances, ``/metadata``, ``/frames``, ``/bulkdata``, ``/rendered``,
                ``/thumbnail``
 ``stow``       ``POST /studies[/{uid}]``: each part through the C-STORE archive path
-``media``      multipart/related writing and reading, Accept negotiation
-``json``       datasets as ``application/dicom+json`` with BulkDataURIs
+``metadata``   series metadata built once and cached on disk
+``media``      multipart/related bodies, Accept negotiation
+``multipart``  reading a multipart/related upload as it streams in (STOW-RS)
+``dicomjson``  datasets as ``application/dicom+json`` with BulkDataURIs
+``routes``     all of them under :data:`PREFIX`
 =============  ====================================================================
 
 May import the archive, the index, and the web app's context and imaging; nothing of
@@ -21,17 +24,11 @@ the triage, AI or DICOM network layers.
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import Request
 
 PREFIX = "/dicom-web"
 
 
-def build_router() -> APIRouter:
-    """Every DICOMweb route, under :data:`PREFIX`."""
-    from pipeline.web.dicomweb import qido, stow, wado
-
-    router = APIRouter(prefix=PREFIX)
-    router.include_router(qido.router)
-    router.include_router(wado.router)
-    router.include_router(stow.router)
-    return router
+def base_url(request: Request) -> str:
+    """This server's DICOMweb root as the client reached it (``http://host:port/dicom-web``)."""
+    return str(request.base_url).rstrip("/") + PREFIX
