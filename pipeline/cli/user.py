@@ -8,6 +8,7 @@ import sys
 
 from pipeline.config import Settings
 from pipeline.errors import RadtriageError
+from pipeline.index.accounts import Role
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,9 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     add.add_argument("name", help="user name (no spaces)")
     add.add_argument(
         "--role",
-        choices=["radiologist", "admin"],
+        choices=[r.value for r in Role],
         default="radiologist",
-        help="admin also reads the audit log (default: radiologist)",
+        help="admin also reads the audit log; uploader may only store over STOW-RS (default: radiologist)",
     )
     add.add_argument(
         "--password-stdin",
@@ -36,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     add.set_defaults(func=add_user)
     listing = sub.add_parser("list", help="list users")
     listing.set_defaults(func=list_users)
-    disable = sub.add_parser("disable", help="disable a user and end their sessions")
+    disable = sub.add_parser(
+        "disable", help="disable a user and end their sessions (their API tokens stop working too)"
+    )
     disable.add_argument("name")
     disable.set_defaults(func=disable_user)
 

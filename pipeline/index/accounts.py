@@ -1,7 +1,8 @@
-"""Index tables of the web app: users, login sessions, failed logins and the audit log.
+"""Index tables of the web app: users, login sessions, API tokens, failed logins and the audit log.
 
-Passwords are stored only as argon2 hashes; session cookies only as SHA-256 digests
-of the random token the browser holds, so a copy of the database logs nobody in.
+Passwords are stored only as argon2 hashes; session cookies and API tokens only as
+SHA-256 digests of the random token the browser or program holds, so a copy of the
+database logs nobody in.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pipeline.index.schema import Base, UTCDateTime, _enum, utcnow
 
 
 class Role(str, enum.Enum):
-    """What a user may do: radiologists read the worklist; admins also see the audit log."""
+    """What a user may do: radiologists read the worklist; admins also see the audit log
+    and may store over STOW-RS; uploaders may store over STOW-RS, may not read patient data."""
 
     radiologist = "radiologist"
     admin = "admin"
+    uploader = "uploader"
 
 
 class User(Base):
@@ -48,6 +51,30 @@ class WebSession(Base):
     remote_addr: Mapped[str] = mapped_column(String(64), default="")
 
     user: Mapped[User] = relationship()
+
+
+class ApiToken(Base):
+    """A program's login (``Authorization: Bearer``). ``token_sha256`` is the digest of the token.
+
+    The token is random (256 bits), so one SHA-256 lookup checks it; argon2 would only
+    slow every request of a script down. A token with an owner works only while the
+    owner is active; revoked and expired rows are kept until their name is reused.
+    """
+
+    __tablename__ = "api_token"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[Role] = mapped_column(_enum(Role, "web_role"))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("web_user.id"), nullable=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Updated at most once a minute: a polling script must not write on every request.
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    user: Mapped[User | None] = relationship()
 
 
 class LoginFailure(Base):

@@ -1,9 +1,11 @@
 """The worklist web app: :func:`create_app` builds the FastAPI application.
 
 Every path except ``/login``, ``/health`` and ``/static/`` needs a login: a session
-cookie (pages and API) or HTTP Basic (API only). Pages without a login redirect to
-``/login``; API paths answer 401. Every request but static files and health checks is
-written to the audit log with the user, address, path and answer.
+cookie (pages and API), or HTTP Basic or an API token (``Authorization: Bearer``, API
+and DICOMweb only). An uploader's login may only store (STOW-RS): anything else is 403.
+Pages without a login redirect to ``/login``; API paths answer 401. Every request but
+static files and health checks is written to the audit log with the user, address, path
+and answer.
 
 A failure inside a handler is answered ``500`` with a request id (also sent as
 ``X-Request-ID``), audited as ``server error``, and logged with that id, the exception
@@ -32,9 +34,10 @@ from starlette.concurrency import run_in_threadpool
 
 from pipeline.config import Settings
 from pipeline.index.db import session_scope
-from pipeline.web.auth import SESSION_COOKIE, Authenticator, AuthUser, LockedOut, load_secret
+from pipeline.web.auth import SESSION_COOKIE, Authenticator, AuthUser, LockedOut, load_secret, may_read
 from pipeline.web.context import ArchiveFiles, WebContext, client_address
 from pipeline.web.imaging import SliceRenderer
+from pipeline.web.tokens import check_token
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ PROGRAM_PREFIXES = ("/api/", "/dicom-web/")
 
 def is_program_path(path: str) -> bool:
     return path.startswith(PROGRAM_PREFIXES) or path == "/dicom-web"
+
+
 # Only this server's own files run or style a page: an injected <script> or inline
 # handler does nothing. (study.html's slice list is a JSON data block, not a script.)
 CONTENT_SECURITY_POLICY = (
@@ -93,6 +98,8 @@ def _authenticate(ctx: WebContext, request: Request) -> tuple[AuthUser | None, R
         return user, None
     if is_program_path(request.url.path):
         header = request.headers.get("authorization", "")
+        if header[:7].lower() == "bearer ":
+            return _authenticate_token(ctx, request, header[7:].strip())
         if header[:6].lower() == "basic ":
             try:
                 name, _, password = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
@@ -112,12 +119,27 @@ def _authenticate(ctx: WebContext, request: Request) -> tuple[AuthUser | None, R
             request.state.audit_user = name
             request.state.audit_action = "login failed"
         return None, JSONResponse(
-            {"detail": "login required: log in or use HTTP Basic"},
+            {"detail": "login required: log in, use HTTP Basic or an API token (Authorization: Bearer)"},
             status_code=401,
             headers={"WWW-Authenticate": 'Basic realm="radtriage", charset="UTF-8"'},
         )
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return None, RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+
+
+def _authenticate_token(ctx: WebContext, request: Request, token: str) -> tuple[AuthUser | None, Response | None]:
+    """An API token: one indexed lookup, no argon2. Never logged nor audited, only its name."""
+    check = check_token(ctx.session_factory, token)
+    if check.user is not None:
+        return check.user, None
+    request.state.audit_user = f"token:{check.name}" if check.name else ""
+    request.state.audit_action = "token refused"
+    log.warning("API token %s refused from %s: %s", check.name or "(unknown)", client_address(request), check.reason)
+    return None, JSONResponse(
+        {"detail": "API token refused: unknown, revoked or expired; see radtriage token list"},
+        status_code=401,
+        headers={"WWW-Authenticate": 'Bearer realm="radtriage", error="invalid_token"'},
+    )
 
 
 def create_app(settings: Settings, session_factory: sessionmaker[Session], archive: ArchiveFiles) -> FastAPI:
@@ -202,6 +224,14 @@ async def _login_then_handle(ctx: WebContext, request: Request, call_next: Any, 
             )
             return refusal
         request.state.user = user
+        # An uploader may store (STOW-RS) and log out; every other request reads patient data.
+        storing = request.method == "POST" and (path.startswith("/dicom-web/studies") or path == "/logout")
+        if user is not None and not may_read(user) and not storing:
+            request.state.audit_action = "refused: role may not read"
+            detail = f"role {user.role.value} may store over STOW-RS but not read patient data"
+            refused = JSONResponse({"detail": detail}, 403) if is_program_path(path) else PlainTextResponse(detail, 403)
+            await run_in_threadpool(_audit_request, ctx, request, refused.status_code)
+            return refused
     response: Response = await call_next(request)
     if not quiet:
         await run_in_threadpool(_audit_request, ctx, request, response.status_code)

@@ -6,6 +6,7 @@ cookie and the index holds only its SHA-256 digest. Setting a user's password (a
 ends their sessions. The JSON API also accepts HTTP Basic; a right name and password is
 remembered for ``[web] basic_auth_cache_seconds`` as an HMAC under a per-process random
 key (never the password), so a polling program costs one argon2 hash, not one a request.
+Programs had better use API tokens (:mod:`pipeline.web.tokens`): no argon2 at all.
 
 Failed logins slow the attacker without locking the real user out: after ``[web]
 login_max_failures`` wrong passwords for one name *from one address* (or four times as
@@ -65,10 +66,11 @@ class UserError(RadtriageError):
 class AuthUser:
     """The logged-in user of one request."""
 
-    id: int
+    id: int  # web_user.id; 0 for an API token without an owner
     username: str
     role: Role
-    session_token: str = ""  # empty when authenticated with HTTP Basic
+    session_token: str = ""  # empty when authenticated with HTTP Basic or a token
+    token_name: str = ""  # the API token's name when authenticated with one
 
     @property
     def is_admin(self) -> bool:
@@ -77,7 +79,16 @@ class AuthUser:
 
 def may_store(user: AuthUser) -> bool:
     """Whether ``user`` may add instances to the archive (STOW-RS)."""
-    return user.role is Role.admin
+    return user.role in (Role.admin, Role.uploader)
+
+
+def may_read(user: AuthUser) -> bool:
+    """Whether ``user`` may see patient data: everyone but an uploader.
+
+    The web app's middleware asks this once for every request, so no page or route can
+    forget it; an uploader gets only STOW-RS and logging out.
+    """
+    return user.role is not Role.uploader
 
 
 class LockedOut(RadtriageError):
