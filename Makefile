@@ -8,7 +8,7 @@ APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium chromium-dri
 CONFIG ?= config/default.toml
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast lint bench setup apt data constraints clean
+.PHONY: run test test-fast lint bench setup apt data viewer constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ setup: apt $(STAMP)
 data: setup
 	$(BIN)/python scripts/fetch_data.py
 
-run: setup
+# The OHIF viewer pinned in config/ohif.lock, into .cache/ohif/ (nothing when already there).
+viewer: $(STAMP)
+	@command -v npm >/dev/null || scripts/ensure-apt.sh npm
+	$(BIN)/python scripts/fetch_ohif.py
+
+run: setup viewer
 	$(BIN)/radtriage --config $(CONFIG) serve
 
 # Lint, formatting, import contracts (pyproject.toml [tool.importlinter]) and cycles.
@@ -35,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python scripts/check_import_cycles.py
 
-test: setup lint
+test: setup lint viewer
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The inner loop: unit tests only (no servers, notebooks or Chromium), under a minute.

@@ -155,7 +155,7 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], archi
         Where slices and SEG/SR files are read from (``path_of(sop_instance_uid)``),
         normally :class:`pipeline.archive.Archive`.
     """
-    from pipeline.web import api, pages
+    from pipeline.web import api, pages, viewer
     from pipeline.web.dicomweb.routes import build_router as dicomweb_router
 
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -183,6 +183,7 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], archi
     app.include_router(pages.router)
     app.include_router(api.router)
     app.include_router(dicomweb_router())
+    app.include_router(viewer.build_router())
 
     @app.middleware("http")
     async def login_and_audit(request: Request, call_next: Any) -> Response:

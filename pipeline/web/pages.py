@@ -28,6 +28,7 @@ from pipeline.web.auth import (
 )
 from pipeline.web.context import WebContext, client_address, received_series, series_slices, study_instance
 from pipeline.web.imaging import OVERLAYS, WINDOWS, NotAnImage, default_window
+from pipeline.web.viewer import viewer_url
 from pipeline.web.worklist import (
     BadSearch,
     StudyNotFound,
@@ -297,6 +298,10 @@ def study_page(request: Request, study_uid: str, window: str = "", overlay: str 
         windows=WINDOWS,
         overlay=overlay,
         overlays=OVERLAYS,
+        # OHIF on this study, opened on the key image (the slice where the finding is largest).
+        viewer_href=viewer_url(
+            item.StudyInstanceUID, series_uid if key else "", key.key_sop_instance_uid if key else ""
+        ),
     )
 
 

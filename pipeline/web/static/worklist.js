@@ -41,8 +41,8 @@
         });
         remember();
         if (focusedUid) {
-          const link = tbody.querySelector(`tr.row[data-uid="${CSS.escape(focusedUid)}"] a`);
-          if (link) link.focus();
+          const row = tbody.querySelector(`tr.row[data-uid="${CSS.escape(focusedUid)}"]`);
+          if (row) row.focus();
         }
       }
       live.textContent = "live · " + new Date().toLocaleTimeString();
@@ -55,13 +55,33 @@
   setInterval(poll, seconds * 1000);
 
   form.querySelectorAll("select").forEach((s) => s.addEventListener("change", () => form.submit()));
+
+  // Every row opens its study: a click anywhere on it (a new tab with Ctrl/Cmd or the
+  // middle button), or Enter on the focused row. Listeners sit on the tbody, which
+  // outlives the rows that every poll replaces. Selecting text is not a click.
+  function open(row, newTab) {
+    if (!row || !row.dataset.href) return;
+    if (newTab) window.open(row.dataset.href, "_blank", "noopener");
+    else window.location.assign(row.dataset.href);
+  }
+  tbody.addEventListener("click", (e) => {
+    if (e.target.closest("a, button, input, select, form")) return;  // they do their own thing
+    if (window.getSelection && String(window.getSelection()).length > 0) return;
+    open(e.target.closest("tr.row"), e.ctrlKey || e.metaKey);
+  });
+  tbody.addEventListener("auxclick", (e) => {
+    if (e.button === 1 && !e.target.closest("a")) open(e.target.closest("tr.row"), true);
+  });
+  tbody.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && e.target.matches("tr.row")) { e.preventDefault(); open(e.target, e.ctrlKey || e.metaKey); }
+  });
   document.addEventListener("keydown", (e) => {
     if (e.key === "/" && document.activeElement !== search) { e.preventDefault(); search.focus(); }
     if ((e.key === "j" || e.key === "k") && !["INPUT", "SELECT"].includes(document.activeElement.tagName)) {
-      const links = [...tbody.querySelectorAll("td.name a")];
-      const i = links.indexOf(document.activeElement);
-      const next = e.key === "j" ? Math.min(links.length - 1, i + 1) : Math.max(0, i - 1);
-      if (links[next]) links[next].focus();
+      const rows = [...tbody.querySelectorAll("tr.row")];
+      const i = rows.indexOf(document.activeElement);
+      const next = e.key === "j" ? Math.min(rows.length - 1, i + 1) : Math.max(0, i - 1);
+      if (rows[next]) rows[next].focus();
     }
   });
 })();
