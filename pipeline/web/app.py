@@ -234,13 +234,21 @@ async def _login_then_handle(ctx: WebContext, request: Request, call_next: Any, 
             await run_in_threadpool(_audit_request, ctx, request, refused.status_code)
             return refused
     response: Response = await call_next(request)
-    if not quiet:
+    if not (quiet or _is_viewer_asset(path)):
         await run_in_threadpool(_audit_request, ctx, request, response.status_code)
     return response
 
 
+def _is_viewer_asset(path: str) -> bool:
+    """The viewer's own files (scripts, fonts, wasm): behind the login, but no patient
+    data, so not audited (a first load fetches ~85). Its DICOMweb requests are audited."""
+    return path.startswith("/viewer/") and "." in path.rsplit("/", 1)[-1]
+
+
 def _audit_request(ctx: WebContext, request: Request, status_code: int, detail: str = "") -> None:
     user = request.state.user
+    if user is not None and user.token_name and not detail:
+        detail = f"API token {user.token_name}"
     ctx.audit(
         username=user.username if user else getattr(request.state, "audit_user", ""),
         remote_addr=client_address(request),

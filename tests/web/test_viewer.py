@@ -364,3 +364,20 @@ def test_ohif_study_list_shows_the_archive_and_finds_a_patient(page: object, web
     page.get_by_text("Novak, Jan").wait_for(state="detached", timeout=10_000)  # type: ignore[attr-defined]
     assert page.get_by_text("Garcia, Maria").is_visible()  # type: ignore[attr-defined]
     assert seen == {"csp": [], "errors": [], "remote": []}
+
+
+@pytest.mark.slow  # the web server
+def test_viewer_files_are_not_audited_but_its_page_is(fake_viewer: tuple[str, Path], web: WebEnv) -> None:
+    from sqlalchemy import select
+
+    from pipeline.index.accounts import AuditEvent
+    from pipeline.index.db import session_scope
+
+    url, _dist = fake_viewer
+    with _logged_in(url) as client:
+        assert client.get("/viewer/app.bundle.css").status_code == 200
+        assert client.get("/viewer/viewer?StudyInstanceUIDs=1.2.3.4.999").status_code == 200
+    with session_scope(web.archive.session_factory, readonly=True) as session:
+        paths = set(session.scalars(select(AuditEvent.path).where(AuditEvent.path.like("/viewer/%"))))
+    assert "/viewer/viewer?StudyInstanceUIDs=1.2.3.4.999" in paths
+    assert "/viewer/app.bundle.css" not in paths
