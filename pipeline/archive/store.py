@@ -256,8 +256,15 @@ class Archive:
     def _commit(
         self, header: InstanceHeader, tmp: Path, size: int, transfer_syntax: str, *, derived: bool
     ) -> StoredInstance:
-        """For a fsynced temp file: in one index transaction, resend check, rename into
-        place, fsync the folder, index row, commit. A resend leaves the stored file as is."""
+        """For a fsynced temp file: in one index transaction, resend check, index row,
+        rename into place, fsync the folder, commit. A resend leaves the stored file as is.
+
+        The row comes before the rename: its unique SOP Instance UID is the claim on the
+        file name. A second writer of the same instance (another association, another
+        receiver on the same index) waits on that row (PostgreSQL's unique index, SQLite's
+        write lock), then finds it and answers "already stored" without touching the
+        file; renaming first let the loser replace the winner's file under its index row.
+        """
         rel = self.relative_path(header)
         final = self.data_dir / rel
         renamed = False
@@ -266,42 +273,37 @@ class Archive:
                 try:
                     with self.engine.begin() as conn:
                         existing = indexed_path(conn, header.SOPInstanceUID)
-                        if existing is not None and (renamed or (self.data_dir / existing).exists()):
+                        if existing is not None and (self.data_dir / existing).exists():
                             log.info(
                                 "SOP Instance %s already stored; resend acknowledged, not stored again",
                                 header.SOPInstanceUID,
                             )
                             return self._result(header, existing, duplicate=True)
-                        dir_synced = None
-                        if not renamed:
-                            self._ensure_dir(final.parent)
-                            os.replace(tmp, final)
-                            renamed = True
-                            if self.fsync:  # overlaps the index statements; awaited before COMMIT
-                                dir_synced = self._writer.submit(_fsync_dir, final.parent)
-                        try:
-                            if existing is None:
-                                record_instance(
-                                    conn,
-                                    header,
-                                    path=rel,
-                                    transfer_syntax=transfer_syntax,
-                                    size=size,
-                                    now=utcnow(),
-                                    derived=derived,
-                                    known_new=True,
-                                )
-                            else:
-                                log.warning(
-                                    "SOP Instance %s was indexed but its file was missing; file restored",
-                                    header.SOPInstanceUID,
-                                )
-                        finally:
-                            if dir_synced is not None:
-                                dir_synced.result()  # the rename is durable before the row commits
+                        if existing is None:
+                            record_instance(
+                                conn,
+                                header,
+                                path=rel,
+                                transfer_syntax=transfer_syntax,
+                                size=size,
+                                now=utcnow(),
+                                derived=derived,
+                                known_new=True,
+                            )
+                        else:
+                            log.warning(
+                                "SOP Instance %s was indexed but its file was missing; file restored",
+                                header.SOPInstanceUID,
+                            )
+                        self._ensure_dir(final.parent)
+                        os.replace(tmp, final)
+                        renamed = True
+                        if self.fsync:
+                            _fsync_dir(final.parent)  # the rename is durable before the row commits
                     return self._result(header, rel, duplicate=False, size=size)
                 except IntegrityError:
-                    # A concurrent association created the same patient/study/series/instance first.
+                    # A concurrent writer created the same patient/study/series/instance first:
+                    # nothing was renamed (the row comes first); look again.
                     if attempt == 2:
                         raise
         except OperationalError as err:
