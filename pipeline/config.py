@@ -193,6 +193,8 @@ class WebSettings(_Section):
     max_header_bytes: int = Field(16_384, ge=1024)
     max_connections: int = Field(1000, ge=1)
     max_connections_per_client: int = Field(64, ge=1)
+    # One STOW-RS instance (one multipart part) larger than this fails with 0xA700, not stored.
+    stow_max_instance_bytes: int = Field(2 * 1024**3, ge=1024)
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -20,7 +20,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from struct import error as struct_error
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import tag_for_keyword
@@ -55,6 +55,11 @@ class InvalidUIDError(PermanentError):
 
 class SOPClassMismatchError(PermanentError):
     """The dataset's SOP Class/Instance UID differs from the one the request announced."""
+
+
+class StudyMismatchError(SOPClassMismatchError):
+    """The dataset's StudyInstanceUID differs from the study the request stores into (STOW-RS
+    ``POST /studies/{uid}``)."""
 
 
 def validate_uid(value: object, keyword: str) -> str:
@@ -177,7 +182,12 @@ def _encodings(ds: Dataset) -> list[str] | None:
 
 
 def _walk(data: bytes | memoryview, implicit: bool, little: bool) -> Dataset:
-    fp = io.BytesIO(data)
+    return _walk_file(io.BytesIO(data), len(data), implicit, little)
+
+
+def _walk_file(fp: BinaryIO, end: int, implicit: bool, little: bool) -> Dataset:
+    """The elements from ``fp``'s position to ``end`` (large values skipped by seeking)."""
+    start = fp.tell()
     elements: dict[int, Any] = {}
     previous = -1
     try:
@@ -195,9 +205,9 @@ def _walk(data: bytes | memoryview, implicit: bool, little: bool) -> Dataset:
         raise DatasetError("dataset does not parse: sequences nested too deep") from None
     except (EOFError, ValueError, KeyError, NotImplementedError, OSError, struct_error) as err:
         raise DatasetError(f"dataset does not parse: {err}") from None
-    if fp.tell() != len(data):
+    if fp.tell() != end:
         raise DatasetError(
-            f"dataset does not parse: element lengths run past the end ({fp.tell()} of {len(data)} bytes)"
+            f"dataset does not parse: element lengths run past the end ({fp.tell() - start} of {end - start} bytes)"
         )
     if not elements:
         raise DatasetError("dataset is empty")
@@ -243,6 +253,22 @@ def parse_encoded(
     implicit = transfer_syntax == ImplicitVRLittleEndian
     little = transfer_syntax != ExplicitVRBigEndian
     return _walk(data, implicit, little)
+
+
+def parse_file(fp: BinaryIO, transfer_syntax: str, *, max_inflated_bytes: int = MAX_INFLATED_BYTES) -> Dataset:
+    """:func:`parse_encoded` for the dataset from ``fp``'s position to the end of the file.
+
+    Values longer than 1 KiB are skipped by seeking, so an instance of any size is parsed
+    in a few kilobytes of memory (a deflated one is read and inflated within the bound).
+    """
+    start = fp.tell()
+    end = fp.seek(0, io.SEEK_END)
+    fp.seek(start)
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        if end - start > max_inflated_bytes + _INFLATE_CHUNK:  # deflate never grows data that much
+            raise DatasetError(f"deflated dataset is over {max_inflated_bytes / 2**20:g} MiB: refused")
+        return parse_encoded(fp.read(), transfer_syntax, max_inflated_bytes=max_inflated_bytes)
+    return _walk_file(fp, end, transfer_syntax == ImplicitVRLittleEndian, transfer_syntax != ExplicitVRBigEndian)
 
 
 def header_from_dataset(

@@ -34,7 +34,14 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.archive.header import InstanceHeader, InvalidUIDError, header_from_dataset, parse_encoded
+from pipeline.archive.header import (
+    InstanceHeader,
+    InvalidUIDError,
+    StudyMismatchError,
+    header_from_dataset,
+    parse_encoded,
+    parse_file,
+)
 from pipeline.archive.ingest import indexed_path, record_instance
 from pipeline.config import Settings
 from pipeline.errors import PermanentError, TransientError
@@ -209,6 +216,39 @@ class Archive:
         tmp, size = staged.result()
         return self._commit(header, tmp, size, transfer_syntax, derived=False)
 
+    def store_encoded_file(
+        self,
+        path: Path,
+        offset: int,
+        *,
+        transfer_syntax: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        study_instance_uid: str | None = None,
+    ) -> StoredInstance:
+        """:meth:`store_encoded` for a dataset that lies in the file ``path`` from ``offset`` to
+        its end (a STOW-RS part, after its File Meta): the same checks and durable path, but
+        the header is read by seeking and the bytes are copied file to file, so an instance
+        of any size costs no memory. ``path`` is left in place for the caller to remove.
+
+        With ``study_instance_uid``, a dataset of another study raises
+        :class:`~pipeline.archive.header.StudyMismatchError` and is not stored.
+        """
+        try:
+            meta = encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax)
+        except UnicodeEncodeError:
+            raise InvalidUIDError("the File Meta's SOP Class/Instance UID is not ASCII") from None
+        with open(path, "rb") as fp:
+            fp.seek(offset)
+            ds = parse_file(fp, transfer_syntax)
+        header = header_from_dataset(ds, expected_sop_class=sop_class_uid, expected_sop_instance=sop_instance_uid)
+        if study_instance_uid is not None and header.StudyInstanceUID != study_instance_uid:
+            raise StudyMismatchError(
+                f"dataset StudyInstanceUID {header.StudyInstanceUID} differs from the request's {study_instance_uid}"
+            )
+        tmp, size = self._write_temp((meta,), copy_from=(path, offset))
+        return self._commit(header, tmp, size, transfer_syntax, derived=False)
+
     def store_dataset(self, ds: Dataset, *, derived: bool = False) -> StoredInstance:
         """Store a pydicom dataset (e.g. an AI SEG or SR) through the same durable path.
 
@@ -350,8 +390,11 @@ class Archive:
                     _fsync_dir(created.parent)
             self._known_dirs.add(folder)
 
-    def _write_temp(self, parts: tuple[bytes | memoryview, ...]) -> tuple[Path, int]:
-        """Write ``parts`` to a fsynced temp file in ``incoming/``; return it and its size."""
+    def _write_temp(
+        self, parts: tuple[bytes | memoryview, ...], copy_from: tuple[Path, int] | None = None
+    ) -> tuple[Path, int]:
+        """Write ``parts`` (then the file ``copy_from[0]`` from byte ``copy_from[1]``) to a
+        fsynced temp file in ``incoming/``; return it and its size."""
         tmp = self.incoming_dir / f"{uuid.uuid4().hex}{TMP_SUFFIX}"
         try:
             size = 0
@@ -359,6 +402,8 @@ class Archive:
                 for part in parts:
                     size += fh.write(part)
                 fh.flush()
+                if copy_from is not None:
+                    size += _copy_file_tail(copy_from[0], copy_from[1], fh.fileno())
                 if self.fsync:
                     os.fdatasync(fh.fileno())
             return tmp, size
@@ -440,6 +485,31 @@ class Archive:
             header, rel, str(ds.file_meta.TransferSyntaxUID), path.stat().st_size, derived=is_derived_file(ds.file_meta)
         )
         return 1
+
+
+def _copy_file_tail(source: Path, offset: int, out_fd: int) -> int:
+    """Append ``source`` from ``offset`` to its end to ``out_fd`` in the kernel (no copy
+    through Python); where the file system cannot, in 1 MiB pieces."""
+    with open(source, "rb") as src:
+        remaining = os.fstat(src.fileno()).st_size - offset
+        copied = 0
+        try:
+            while copied < remaining:
+                n = os.copy_file_range(src.fileno(), out_fd, remaining - copied, offset + copied)
+                if n == 0:
+                    break
+                copied += n
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP) or copied:
+                raise
+            src.seek(offset)
+            while piece := src.read(1 << 20):
+                view = memoryview(piece)
+                while view:
+                    written = os.write(out_fd, view)
+                    copied += written
+                    view = view[written:]
+        return copied
 
 
 def _subdirs(folder: Path) -> list[Path]:

@@ -12,6 +12,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline.archive import StoredInstance
 from pipeline.config import Settings
 from pipeline.index.accounts import AuditEvent
 from pipeline.index.db import session_scope
@@ -31,7 +32,20 @@ def client_address(request: Request) -> str:
 class ArchiveFiles(Protocol):
     """What the web app needs of :class:`pipeline.archive.Archive`."""
 
+    incoming_dir: Path  # temp files of uploads in progress (same file system as the archive)
+
     def path_of(self, sop_instance_uid: str) -> Path: ...
+
+    def store_encoded_file(
+        self,
+        path: Path,
+        offset: int,
+        *,
+        transfer_syntax: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        study_instance_uid: str | None = None,
+    ) -> StoredInstance: ...
 
 
 @dataclass
