@@ -75,13 +75,15 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def start_radtriage(storage: Path, port: int) -> subprocess.Popen[bytes]:
+def start_radtriage(storage: Path, port: int, web_port: int = 0) -> subprocess.Popen[bytes]:
+    """``radtriage serve`` on ``storage`` (config in ``radtriage.toml`` there), its web app on
+    ``web_port`` (0: any free port; ``benchmarks/dicomweb.py`` gives its own)."""
     cfg = storage / "radtriage.toml"
     cfg.write_text(
         f'[dicom]\nae_title = "RADTRIAGE"\nbind = "{HOST}"\nport = {port}\nallowed_aes = ["*"]\n'
         f'[storage]\ndata_dir = "{storage / "data"}"\nfsync = true\n'
         f"[triage]\nenabled = false\nstable_age_seconds = 3600\n"  # ingest only: no Prefect server
-        f"[web]\nport = {free_port()}\n"
+        f'[web]\nbind = "{HOST}"\nport = {web_port or free_port()}\n'
     )
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", "--config", str(cfg), "serve"],

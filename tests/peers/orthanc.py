@@ -29,6 +29,7 @@ from typing import Any
 from pipeline.triage.prefect_server import free_port
 
 ORTHANC_BINARY = "Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
 LOOPBACK = "127.0.0.1"
 ALL_INTERFACES = ""  # Orthanc binds 0.0.0.0: its ports must be free on every interface
 
@@ -52,6 +53,9 @@ class OrthancPeer:
     lua
         Lua script text to load (``LuaScripts``), e.g. a ``ReceivedInstanceFilter`` that
         makes Orthanc refuse some C-STOREs with a failure status.
+    extra
+        More configuration keys, added last (they override the ones above), e.g.
+        ``{"Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Servers": {...}}}``.
     startup_timeout
         Seconds to wait for the REST API to answer after the process starts.
     """
@@ -63,6 +67,7 @@ class OrthancPeer:
         ae_title: str = "ORTHANC",
         modalities: dict[str, tuple[str, str, int]] | None = None,
         lua: str = "",
+        extra: dict[str, Any] | None = None,
         startup_timeout: float = 30.0,
     ) -> None:
         if shutil.which(ORTHANC_BINARY) is None:
@@ -75,6 +80,7 @@ class OrthancPeer:
         self.host = LOOPBACK
         self.modalities = dict(modalities or {})
         self.lua = lua
+        self.extra = dict(extra or {})
         self.startup_timeout = startup_timeout
         self.config_path = self.workdir / "orthanc.json"
         self.log_path = self.workdir / "orthanc.log"
@@ -115,6 +121,7 @@ class OrthancPeer:
             "LuaScripts": [str(self.workdir / "script.lua")] if self.lua else [],
             "SaveJobs": False,
             "ConcurrentJobs": 1,
+            **self.extra,
         }
 
     def start(self) -> None:
@@ -187,6 +194,14 @@ class OrthancPeer:
         try:
             with urllib.request.urlopen(self.rest_url + path, timeout=10) as response:
                 return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            raise OrthancError(f"GET {path}: HTTP {err.code}: {err.read()[:500]!r}") from err
+
+    def get_bytes(self, path: str) -> bytes:
+        """GET ``path`` from the REST API as bytes (e.g. ``/instances/{id}/file``)."""
+        try:
+            with urllib.request.urlopen(self.rest_url + path, timeout=10) as response:
+                return bytes(response.read())
         except urllib.error.HTTPError as err:
             raise OrthancError(f"GET {path}: HTTP {err.code}: {err.read()[:500]!r}") from err
 
