@@ -10,6 +10,15 @@ and for every finding one TID 1411 volumetric measurement group:
 * a qualitative evaluation "Presence of property" = Present / Absent,
 * a reference to the SEG segment and to the source images its frames were derived from.
 
+and, for every present finding, one TID 1410 planar ROI group on its key image (the
+slice where its mask is largest): the same tracking identifier and UID, the outline of
+the mask on that image as a closed SCOORD POLYLINE (:mod:`pipeline.results.outline`)
+and its area there. Viewers show a measurement only where it has a graphic on an
+image: OHIF 3 merges the groups of one tracking UID into one measurement, draws the
+outline on the key image and lists the values of both groups beside it (volume,
+diameter, probability, area, finding site). The volumetric group stays the finding's
+whole-volume record.
+
 Contributing Equipment names the model (IHE AI Results style), as in the SEG.
 """
 
@@ -19,6 +28,7 @@ import logging
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -27,6 +37,7 @@ from pipeline.ai.findings import Code, Finding, ModelIdentity, ModelResult
 from pipeline.config import ResultSettings
 from pipeline.errors import PermanentError
 from pipeline.results.common import coded, model_equipment, ordered_sources
+from pipeline.results.outline import outline
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +45,14 @@ logger = logging.getLogger(__name__)
 VOLUME = hd.sr.CodedConcept("118565006", "SCT", "Volume")
 DIAMETER = hd.sr.CodedConcept("81827009", "SCT", "Diameter")
 MAXIMUM = hd.sr.CodedConcept("56851009", "SCT", "Maximum")
+AREA = hd.sr.CodedConcept("42798000", "SCT", "Area")
 PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
 PRESENCE = hd.sr.CodedConcept("121052", "DCM", "Presence of property")
 PRESENT = hd.sr.CodedConcept("121053", "DCM", "Present")
 ABSENT = hd.sr.CodedConcept("121054", "DCM", "Absent")
 MILLILITER = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 MILLIMETER = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
+SQUARE_MILLIMETER = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 
 # Procedure reported by modality of the source series, when the caller gives none.
@@ -115,6 +128,38 @@ def _measurement_group(
     )
 
 
+def _key_slice_group(
+    finding: Finding,
+    tracking: hd.sr.TrackingIdentifier,
+    sources: list[Dataset],
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """TID 1410 group: the finding outlined on its key image, or ``None`` when its mask is empty."""
+    mask = np.asarray(finding.mask, dtype=bool)
+    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    if not areas.any():
+        return None
+    key = int(areas.argmax())  # the key image of the worklist and the viewer link (first of ties)
+    image = sources[key]
+    row_mm, column_mm = (float(v) for v in image.PixelSpacing)
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=outline(mask[key]),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(image),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=region,
+        finding_category=coded(finding.category),
+        finding_type=coded(finding.type),
+        finding_sites=[hd.sr.FindingSite(coded(finding.anatomic_site))] if finding.anatomic_site else None,
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(name=AREA, value=float(areas[key]) * row_mm * column_mm, unit=SQUARE_MILLIMETER)
+        ],
+    )
+
+
 def build_sr(
     source_images: Sequence[Dataset],
     seg: Dataset,
@@ -170,8 +215,11 @@ def build_sr(
             serial_number=settings.device_serial_number,
         ),
     )
-    groups = [
-        _measurement_group(
+    groups: list[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    for number, finding in enumerate(result.findings, start=1):
+        volumetric = _measurement_group(
             number,
             finding,
             seg,
@@ -180,8 +228,10 @@ def build_sr(
             result.series_instance_uid,
             algorithm,
         )
-        for number, finding in enumerate(result.findings, start=1)
-    ]
+        segment = seg.SegmentSequence[number - 1]
+        tracking = hd.sr.TrackingIdentifier(uid=str(segment.TrackingUID), identifier=str(segment.TrackingID))
+        planar = _key_slice_group(finding, tracking, sources, algorithm)
+        groups.extend([volumetric, planar] if planar is not None else [volumetric])
     procedure = (
         coded(procedure_reported)
         if procedure_reported

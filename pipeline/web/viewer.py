@@ -25,6 +25,17 @@ The configuration is radtriage's, not the bundle's
     request, no CORS), ``routerBasename`` :data:`MOUNT`, the bundled modes, no dynamic
     config, no URL-loaded customisations, no investigational-use dialog.
 
+The AI results open with the study
+    OHIF draws a SEG only when its display set is hung in a viewport, and an SR only in
+    its own SR viewport; the bundled protocols hang one image series. The generated
+    config therefore adds one small extension with one hanging protocol,
+    :data:`AI_PROTOCOL_ID`, and makes it the longitudinal ("viewer") mode's protocol
+    (``modesConfiguration``): left, the image series the URL names on its key image
+    with the SEG over it; right, the SR's key image with the finding outlined and its
+    values. A study without AI results gets the image series alone (selectors that
+    match nothing are skipped). ``disableConfirmationPrompts`` loads the SEG without
+    OHIF's "open this segmentation?" question.
+
 Nothing from outside
     :data:`VIEWER_CSP` allows this origin only (plus ``blob:``/``data:`` that OHIF
     makes itself): the few remote URLs in the bundle (the itk-wasm CDN for contour
@@ -58,14 +69,17 @@ DICOMWEB_ROOT = "/dicom-web"
 BOOT_SCRIPT = "radtriage-boot.js"
 # The viewer route that opens one study (OHIF's longitudinal mode, routeName "viewer").
 STUDY_ROUTE = f"{MOUNT}/viewer"
+# The hanging protocol that opens a study with its AI results (:func:`ai_protocol`).
+AI_PROTOCOL_ID = "radtriage-ai-results"
 
-# Scripts are this server's files only (no 'unsafe-inline', no 'unsafe-eval'), and no
-# other origin is reachable for anything. OHIF needs WebAssembly compilation (image
-# codecs, SEG surface tools), inline <style> elements (measured: refused without
-# 'unsafe-inline'), data: images, and blob:/data: URLs it makes itself for workers,
-# media and downloads: local schemes, not a way out of the page.
+# Scripts are this server's files only (no 'unsafe-inline'), and no other origin is
+# reachable for anything. OHIF needs WebAssembly compilation (image codecs, SEG surface
+# tools), 'unsafe-eval' (measured: its SEG reader, through the ndarray package, builds
+# classes with new Function(); without it no SEG loads), inline <style> elements
+# (measured: refused without 'unsafe-inline'), data: images, and blob:/data: URLs it
+# makes itself for workers, media and downloads: local schemes, not a way out of the page.
 VIEWER_CSP = (
-    "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self' blob:; "
+    "default-src 'self'; script-src 'self' 'unsafe-eval' 'wasm-unsafe-eval'; worker-src 'self' blob:; "
     "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
     "connect-src 'self' data: blob:; media-src 'self' blob:; object-src 'none'; base-uri 'self'; "
     "frame-ancestors 'none'; form-action 'self'"
@@ -180,6 +194,9 @@ def app_config(mount: str = MOUNT, dicomweb_root: str = DICOMWEB_ROOT) -> dict[s
         # Error details can quote patient data: only in OHIF's development builds.
         "showErrorDetails": "dev",
         "investigationalUseDialog": {"option": "never"},
+        # The AI SEG is opened without asking (see the module docstring).
+        "disableConfirmationPrompts": True,
+        "modesConfiguration": {"@ohif/mode-longitudinal": {"hangingProtocol": {"$set": AI_PROTOCOL_ID}}},
         "dangerouslyUseDynamicConfig": {"enabled": False},
         # No customizationUrlPrefixes: OHIF then refuses every ?customization= value.
         "defaultDataSourceName": "dicomweb",
@@ -209,10 +226,87 @@ def app_config(mount: str = MOUNT, dicomweb_root: str = DICOMWEB_ROOT) -> dict[s
     }
 
 
+def ai_protocol() -> dict[str, object]:
+    """The hanging protocol :data:`AI_PROTOCOL_ID`: image + SEG on the key image | SR."""
+    image = {
+        "seriesMatchingRules": [
+            # As OHIF's default protocol: a series with images, the one the URL names first.
+            {"weight": 10, "attribute": "numImageFrames", "constraint": {"greaterThan": {"value": 0}}},
+            {"weight": 20, "attribute": "isDisplaySetFromUrl", "constraint": {"equals": True}},
+            {"attribute": "Modality", "constraint": {"doesNotEqual": "SEG"}, "required": True},
+            {"attribute": "Modality", "constraint": {"doesNotEqual": "SR"}, "required": True},
+        ]
+    }
+    return {
+        "id": AI_PROTOCOL_ID,
+        "name": "Images with the AI results",
+        "locked": True,
+        "protocolMatchingRules": [],
+        "toolGroupIds": ["default"],
+        "numberOfPriorsReferenced": 0,
+        "defaultViewport": {
+            "viewportOptions": {"viewportType": "stack", "toolGroupId": "default", "allowUnmatchedView": True},
+            "displaySets": [{"id": "imageDisplaySetId", "matchedDisplaySetsIndex": -1}],
+        },
+        "displaySetSelectors": {
+            "imageDisplaySetId": image,
+            "segDisplaySetId": {
+                "seriesMatchingRules": [{"attribute": "Modality", "constraint": {"equals": "SEG"}, "required": True}]
+            },
+            "srDisplaySetId": {
+                "seriesMatchingRules": [{"attribute": "Modality", "constraint": {"equals": "SR"}, "required": True}]
+            },
+        },
+        "stages": [
+            {
+                "name": "AI results",
+                "viewportStructure": {"layoutType": "grid", "properties": {"rows": 1, "columns": 2}},
+                "viewports": [
+                    {
+                        "viewportOptions": {
+                            "viewportType": "stack",
+                            "viewportId": "default",
+                            "toolGroupId": "default",
+                            "allowUnmatchedView": True,
+                            # The slice the URL's initialSOPInstanceUID names: the key image.
+                            "initialImageOptions": {"custom": "sopInstanceLocation"},
+                        },
+                        "displaySets": [{"id": "imageDisplaySetId"}, {"id": "segDisplaySetId"}],
+                    },
+                    {
+                        "viewportOptions": {
+                            "viewportId": "aiReport",
+                            "toolGroupId": "default",
+                            "allowUnmatchedView": True,
+                        },
+                        "displaySets": [{"id": "srDisplaySetId"}],
+                    },
+                ],
+            }
+        ],
+    }
+
+
+# An extension needs a function (getHangingProtocolModule), which JSON cannot hold.
+_EXTENSION_JS = """(function () {
+  var protocol = %s;
+  window.config.extensions.push({
+    id: "radtriage",
+    getHangingProtocolModule: function () { return [{ name: protocol.id, protocol: protocol }]; }
+  });
+})();
+"""
+
+
 def app_config_js(mount: str = MOUNT) -> str:
-    """:func:`app_config` as the script OHIF's ``index.html`` loads before its bundle."""
+    """:func:`app_config` as the script OHIF's ``index.html`` loads before its bundle,
+    plus the extension that registers :func:`ai_protocol`."""
     body = json.dumps(app_config(mount), indent=2)
-    return f"/* Generated by radtriage (pipeline/web/viewer.py); OHIF's bundled app-config.js is not used. */\nwindow.config = {body};\n"
+    extension = _EXTENSION_JS % json.dumps(ai_protocol())
+    return (
+        "/* Generated by radtriage (pipeline/web/viewer.py); OHIF's bundled app-config.js is not used. */\n"
+        f"window.config = {body};\n{extension}"
+    )
 
 
 _INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)

@@ -81,7 +81,7 @@ def _pin_for(tarball: Path) -> OhifPin:
 
 
 def _config(js: str) -> dict[str, object]:
-    match = re.search(r"window\.config = (\{.*\});\s*$", js, re.DOTALL)
+    match = re.search(r"window\.config = (\{.*?\n\});\n", js, re.DOTALL)
     assert match, js[:200]
     return json.loads(match.group(1))  # type: ignore[no-any-return]
 
@@ -345,7 +345,7 @@ def test_worklist_row_opens_study_then_viewer_on_the_key_image(page: object, web
     page.wait_for_selector(".viewport-element canvas.cornerstone-canvas", timeout=OHIF_LOAD_MS)  # type: ignore[attr-defined]
     # OHIF opens on the slice where the finding is largest, not on the first one.
     key_number = pydicom.dcmread(web.archive.path_of(key_uid), stop_before_pixels=True).InstanceNumber
-    index = page.locator(".viewport-overlay.overlay-bottom.right-viewport-scrollbar")  # type: ignore[attr-defined]
+    index = page.locator(".viewport-overlay.overlay-bottom.right-viewport-scrollbar").first  # type: ignore[attr-defined]
     index.get_by_text(re.compile(rf"^I:\s*{key_number}\s*\(")).wait_for(timeout=OHIF_LOAD_MS)
     assert seen == {"csp": [], "errors": [], "remote": []}
 
