@@ -16,21 +16,28 @@ an upgrade makes any of them ineffective.
 
 The rest is the public client API, kept here because the worker and the deployment
 share it: :func:`claim_flow_run` (the Pending transition, which Prefect's orchestration
-rules grant to one claimant only) and :func:`apply_deployment`.
+rules grant to one claimant only), :func:`apply_deployment`, :func:`ensure_work_queues`
+(the work pool with one queue per urgency, in priority order) and
+:func:`scheduled_flow_runs` (what a Prefect worker polling the pool is handed: the
+queue with the highest priority first, then the oldest run).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 from prefect import Flow
 from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.context import refresh_global_settings_context
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.flow_engine import run_flow
 from prefect.states import Pending, State
 from prefect.utilities.callables import parameter_schema
@@ -41,7 +48,14 @@ PREFECT_VERSION = "3.9.1"  # pyproject.toml pins this; the tests check the insta
 
 
 def apply_deployment(
-    client: SyncPrefectClient, flow: Flow[..., Any], name: str, *, entrypoint: str, tags: list[str]
+    client: SyncPrefectClient,
+    flow: Flow[..., Any],
+    name: str,
+    *,
+    entrypoint: str,
+    tags: list[str],
+    work_pool_name: str | None = None,
+    work_queue_name: str | None = None,
 ) -> UUID:
     """Create or update the deployment ``<flow name>/<name>`` (the API upserts); return its id."""
     flow_id = client.create_flow_from_name(flow.name)
@@ -51,7 +65,44 @@ def apply_deployment(
         entrypoint=entrypoint,
         tags=tags,
         parameter_openapi_schema=parameter_schema(flow).model_dump_for_openapi(),
+        work_pool_name=work_pool_name,
+        work_queue_name=work_queue_name,
     )
+
+
+def ensure_work_queues(client: SyncPrefectClient, work_pool_name: str, queues: Sequence[str]) -> dict[str, int]:
+    """Make ``queues`` the first queues of the work pool, in this priority order; return
+    every queue's priority by name (1 is served first).
+
+    The pool is created (type ``process``, as ``prefect work-pool create`` in
+    prefect.yaml) when missing; other queues of the pool (its ``default``) keep their
+    order below these.
+    """
+    try:
+        client.read_work_pool(work_pool_name)
+    except ObjectNotFound:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=work_pool_name, type="process"))
+        except ObjectAlreadyExists:  # another process created it meanwhile
+            pass
+    for priority, name in enumerate(queues, start=1):
+        try:
+            client.create_work_queue(name=name, priority=priority, work_pool_name=work_pool_name)
+        except ObjectAlreadyExists:
+            queue = client.read_work_queue_by_name(name, work_pool_name=work_pool_name)
+            if queue.priority != priority:
+                client.update_work_queue(queue.id, priority=priority)
+    return {q.name: q.priority for q in client.read_work_queues(work_pool_name=work_pool_name)}
+
+
+def scheduled_flow_runs(
+    client: SyncPrefectClient, work_pool_name: str, deployment_id: UUID, *, limit: int
+) -> list[FlowRun]:
+    """Up to ``limit`` scheduled runs of one deployment that are due, in the order the
+    work pool serves them: queue priority, then the oldest."""
+    responses = client.get_scheduled_flow_runs_for_work_pool(work_pool_name, scheduled_before=datetime.now(UTC))
+    runs = [r.flow_run for r in responses if r.flow_run.deployment_id == deployment_id]
+    return runs[:limit]
 
 
 def claim_flow_run(client: SyncPrefectClient, flow_run_id: UUID) -> bool:

@@ -44,7 +44,8 @@ class TriageOrchestration:
         self.max_parallel_flows = max_parallel_flows
         self.poll_interval = poll_interval
         self.worker = None
-        self.dispatcher = Dispatcher(runtime.session_factory, on_dispatched=self._wake_worker) if dispatch else None
+        self.work_pool = runtime.settings.triage.work_pool
+        self.dispatcher = Dispatcher(runtime, on_dispatched=self._wake_worker) if dispatch else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.deployment_id: UUID | None = None
@@ -71,7 +72,7 @@ class TriageOrchestration:
         delay = 1.0
         while not self._stop.is_set():
             try:
-                self.deployment_id = register_deployment()
+                self.deployment_id = register_deployment(self.work_pool)
                 ensure_inference_limit(self.inference_slots)
                 break
             except Exception as err:  # noqa: BLE001 - API not reachable yet
@@ -87,7 +88,11 @@ class TriageOrchestration:
             except Exception:
                 log.exception("could not check for interrupted triage runs")
         self.worker = InProcessWorker(
-            self.deployment_id, max_parallel=self.max_parallel_flows, poll_interval=self.poll_interval
+            self.deployment_id,
+            work_pool=self.work_pool,
+            gate=self.runtime.inference_gate,
+            max_parallel=self.max_parallel_flows,
+            poll_interval=self.poll_interval,
         )
         self.worker.start()
         if self.dispatcher is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,8 @@ _RETRIES: dict[str, Any] = dict(
 
 
 @task(name="begin-run", **_RETRIES)
-def begin_run(study_uid: str, revision: int) -> None:
-    steps.begin_run(get_runtime(), study_uid, revision, str(runtime.flow_run.id or ""))
+def begin_run(study_uid: str, revision: int) -> int:
+    return steps.begin_run(get_runtime(), study_uid, revision, str(runtime.flow_run.id or ""))
 
 
 @task(name="plan-models", **_RETRIES)
@@ -60,11 +61,21 @@ def plan_models(study_uid: str) -> list[dict[str, str]]:
 
 
 @task(name="run-inference", **_RETRIES)
-def run_inference(study_uid: str, revision: int, model_name: str, series_uid: str) -> tuple[str, dict[str, float]]:
-    # The model step alone holds the scarce resource (GPU or CPU cores, model memory).
-    with concurrency(inference_limit_name(), occupy=1):
-        path, timings = steps.run_inference(get_runtime(), study_uid, revision, model_name, series_uid)
-    return str(path), timings
+def run_inference(
+    study_uid: str, revision: int, model_name: str, series_uid: str, urgency_rank: int = 0
+) -> tuple[str, dict[str, float]]:
+    # The model step alone holds the scarce resource (GPU or CPU cores, model memory):
+    # this process's slots first, in the queue's order (the worker claimed this run for
+    # one of them), then the host's Prefect concurrency limit, which is then free.
+    rt = get_runtime()
+    t0 = time.perf_counter()
+    with (
+        rt.inference_gate.slot(str(runtime.flow_run.id or ""), urgency_rank),
+        concurrency(inference_limit_name(), occupy=1),
+    ):
+        t1 = time.perf_counter()
+        path, timings = steps.run_inference(rt, study_uid, revision, model_name, series_uid)
+    return str(path), {**timings, "inference_wait": t1 - t0}
 
 
 @task(name="store-results", **_RETRIES)
@@ -83,21 +94,27 @@ def finish_run(study_uid: str, revision: int, timings: dict[str, float]) -> dict
 
 
 @flow(name=FLOW_NAME, log_prints=False)
-def triage_study(study_uid: str, revision: int = 1) -> dict[str, Any]:
-    """Analyse one study revision with every model that applies to it."""
+def triage_study(study_uid: str, revision: int = 1, models: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """Analyse one study revision with every model that applies to it.
+
+    ``models`` is the dispatcher's plan (model name and version, and the series each
+    reads); without it the flow plans itself.
+    """
     logger = get_run_logger()
-    begin_run(study_uid, revision)
+    urgency_rank = begin_run(study_uid, revision)
     timings: dict[str, float] = {}
-    try:
-        planned_models = plan_models(study_uid)
-    except Exception as err:  # noqa: BLE001 - e.g. the model registry cannot be read
-        logger.error("cannot plan models for study %s: %s", study_uid, describe_error(err))
-        record_failure(study_uid, revision, "radtriage", "-", describe_error(err))
-        planned_models = []
+    planned_models = models
+    if planned_models is None:
+        try:
+            planned_models = plan_models(study_uid)
+        except Exception as err:  # noqa: BLE001 - e.g. the model registry cannot be read
+            logger.error("cannot plan models for study %s: %s", study_uid, describe_error(err))
+            record_failure(study_uid, revision, "radtriage", "-", describe_error(err))
+            planned_models = []
     for planned in planned_models:
         name, version = planned["model_name"], planned["model_version"]
         try:
-            path, step_timings = run_inference(study_uid, revision, name, planned["series_instance_uid"])
+            path, step_timings = run_inference(study_uid, revision, name, planned["series_instance_uid"], urgency_rank)
             stored = store_results(study_uid, revision, path)
         except Exception as err:  # noqa: BLE001 - a model failure must not hide the study
             reason = describe_error(err)

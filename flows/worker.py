@@ -1,51 +1,76 @@
 """Run ``triage-study`` flow runs inside this process, with models kept in memory.
 
 Prefect's own runner starts a fresh Python process per flow run, which would re-import
-torch and reload every model for every study (seconds each). This worker claims the
-deployment's scheduled runs through the Prefect API (the Pending transition, which
-only one claimant wins, so several workers can share a deployment) and runs them in a
-small thread pool here. It is what ``radtriage serve`` and ``radtriage worker`` start.
+torch and reload every model for every study (seconds each). This worker polls the
+deployment's work pool the way a Prefect worker does (the queue of the highest
+priority first: critical, urgent, routine; then the oldest run), claims runs through
+the API (the Pending transition, which only one claimant wins, so several workers can
+share the pool) and runs them in a small thread pool here.
+
+It claims a run only when one of this process's inference slots is free for it
+(:class:`pipeline.triage.gate.InferenceGate`): runs not yet claimed stay in Prefect's
+queues, where an urgent study arriving later still overtakes them. A flow's other steps
+overlap with the next run's inference. It is what ``radtriage serve`` and ``radtriage
+worker`` start.
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
 
-from flows.engine import claim_flow_run, run_flow_run
+from flows.engine import claim_flow_run, run_flow_run, scheduled_flow_runs
 from flows.triage import triage_study
 from pipeline.process.component import PollLoop
+from pipeline.triage.gate import InferenceGate
 
 log = logging.getLogger(__name__)
 
 
 class InProcessWorker(PollLoop):
-    """Poll one deployment for scheduled runs and execute them in threads.
+    """Poll one deployment's work pool for scheduled runs and execute them in threads.
 
     Parameters
     ----------
     deployment_id
         The ``triage-study`` deployment (from :func:`flows.deployment.register_deployment`).
+    work_pool
+        Its work pool (``[triage] work_pool``).
+    gate
+        This process's inference slots; a run is claimed only when one is free for it.
+        ``None``: claim up to ``max_parallel`` runs (no model step to wait for).
     max_parallel
-        Flow runs executed at once; inference inside them is further limited by the
-        Prefect concurrency limit.
+        Flow runs executed at once (at least the inference slots plus one, so that a
+        finished inference's remaining steps overlap with the next).
     poll_interval
-        Seconds between polls when not woken by :meth:`wake`.
+        Seconds between polls when not woken by :meth:`wake` (a dispatch, a freed slot,
+        a finished run).
     """
 
     name = "in-process triage worker"
     thread_name = "triage-worker"
 
-    def __init__(self, deployment_id: UUID, *, max_parallel: int = 2, poll_interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        deployment_id: UUID,
+        *,
+        work_pool: str = "radtriage",
+        gate: InferenceGate | None = None,
+        max_parallel: int = 2,
+        poll_interval: float = 2.0,
+    ) -> None:
         super().__init__(poll_interval)
         self.deployment_id = deployment_id
+        self.work_pool = work_pool
+        self.gate = gate
         self.max_parallel = max_parallel
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="triage-flow")
         self._running: dict[UUID, Future[object]] = {}
+        if gate is not None:
+            gate.on_release = self.wake
 
     @property
     def poll_interval(self) -> float:
@@ -62,26 +87,39 @@ class InProcessWorker(PollLoop):
         # The API down is expected during restarts: one line, the traceback only in debug.
         log.warning("cannot poll Prefect for triage runs (%s); retrying", err, exc_info=log.isEnabledFor(logging.DEBUG))
 
-    def poll_once(self) -> int:
-        """Claim and start the scheduled runs that fit in the free slots; return how many."""
+    def _free(self) -> int:
         self._running = {k: f for k, f in self._running.items() if not f.done()}
         free = self.max_parallel - len(self._running)
+        return min(free, self.gate.free()) if self.gate is not None else free
+
+    def poll_once(self) -> int:
+        """Claim and start the most urgent scheduled runs that fit in the free slots; return how many."""
+        free = self._free()
         if free <= 0:
             return 0
         started = 0
         with get_client(sync_client=True) as client:
-            runs = client.get_scheduled_flow_runs_for_deployments(
-                [self.deployment_id], scheduled_before=datetime.now(UTC), limit=free
-            )
-            for flow_run in runs:
+            for flow_run in scheduled_flow_runs(client, self.work_pool, self.deployment_id, limit=free):
                 if flow_run.id in self._running:
                     continue
+                key = str(flow_run.id)
+                if self.gate is not None and not self.gate.reserve(key):
+                    break
                 if not claim_flow_run(client, flow_run.id):
+                    if self.gate is not None:
+                        self.gate.cancel(key)
                     continue  # another worker claimed it
-                log.info("running flow run %s for %s", flow_run.name, flow_run.parameters)
-                self._running[flow_run.id] = self._pool.submit(self._execute, flow_run)
+                log.info("running flow run %s for %s", flow_run.name, flow_run.parameters.get("study_uid"))
+                future = self._pool.submit(self._execute, flow_run)
+                self._running[flow_run.id] = future
+                future.add_done_callback(lambda _f, key=key: self._finished(key))
                 started += 1
         return started
+
+    def _finished(self, key: str) -> None:
+        if self.gate is not None:
+            self.gate.cancel(key)  # a run that ended before its model step leaves its turn
+        self.wake()
 
     @staticmethod
     def _execute(flow_run: object) -> object:

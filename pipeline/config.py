@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -124,13 +124,85 @@ class IndexSettings(_Section):
     url: str = ""
 
 
+Urgency = Literal["critical", "urgent", "routine"]
+
+
+class QueueRule(_Section):
+    """Raise a study's place in the AI queue from what is known before inference.
+
+    Every condition given must hold; list conditions match any of their values
+    (case-insensitive). A study takes the most urgent level among the rules that match
+    it and the ``urgency`` of the models that will read it (``routine`` when none).
+    """
+
+    level: Urgency
+    # Names of the models that will read the study (their bundle's metadata name).
+    model: list[str] = Field(default_factory=list)
+    # Of a series a model will read.
+    modality: list[str] = Field(default_factory=list)
+    body_part_examined: list[str] = Field(default_factory=list)
+    # From the study's images when the modality sends them: Requested Procedure Priority
+    # (0040,1003: STAT, HIGH, ROUTINE, MEDIUM, LOW; top level or in the Request Attributes
+    # Sequence) and Study Priority ID (0032,000C: HIGH, MED, LOW).
+    requested_procedure_priority: list[str] = Field(default_factory=list)
+    study_priority_id: list[str] = Field(default_factory=list)
+    # The AE title that sent the study (kept as SourceApplicationEntityTitle in the file).
+    calling_ae: list[str] = Field(default_factory=list)
+    # Regular expression searched, case-insensitively, in InstitutionalDepartmentName (0008,1040).
+    institutional_department_name: str | None = None
+
+    @field_validator(
+        "model", "modality", "body_part_examined", "requested_procedure_priority", "study_priority_id", "calling_ae"
+    )
+    @classmethod
+    def _upper(cls, values: list[str]) -> list[str]:
+        return [v.strip().upper() for v in values]
+
+    @field_validator("institutional_department_name")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression: {err}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _has_condition(self) -> QueueRule:
+        if not self.model_dump(exclude={"level"}, exclude_defaults=True):
+            raise ValueError(f"a priority rule for {self.level!r} needs at least one condition (e.g. calling_ae)")
+        return self
+
+    @property
+    def reads_headers(self) -> bool:
+        """Whether the rule needs an image header (not only the index and the models)."""
+        return bool(
+            self.requested_procedure_priority
+            or self.study_priority_id
+            or self.calling_ae
+            or self.institutional_department_name
+        )
+
+
+def _default_queue_rules() -> list[QueueRule]:
+    return [
+        QueueRule(level="critical", requested_procedure_priority=["STAT"]),
+        QueueRule(level="urgent", requested_procedure_priority=["HIGH"]),
+        QueueRule(level="urgent", study_priority_id=["HIGH"]),
+        QueueRule(level="urgent", institutional_department_name=r"emergency|^(ED|ER|A&E)$"),
+    ]
+
+
 class TriageSettings(_Section):
     # false: archive only (receiver, sweep, forwarder, web); no Prefect, no models
     enabled: bool = True
     stable_age_seconds: float = Field(10.0, ge=0)
     sweep_interval_seconds: float = Field(1.0, gt=0)
     # Flow runs executed at once by this process's worker; inference inside them is
-    # further limited to `inference_slots` by a Prefect concurrency limit.
+    # further limited to `inference_slots` (this process's slots, then a Prefect
+    # concurrency limit). A run is claimed only when a slot is free for it, so the queue's
+    # order holds; `inference_slots + 1` lets a run's last steps overlap the next inference.
     max_parallel_flows: int = Field(2, ge=1)
     inference_slots: int = Field(1, ge=1)
     # Port of the embedded Prefect server (started when PREFECT_API_URL is not set); 0 = any free port.
@@ -139,6 +211,11 @@ class TriageSettings(_Section):
     # SQLite database the task-run recorder's writes stall each study by ~2 s. Flow runs,
     # states and logs are recorded either way; radtriage keeps per-step timings itself.
     embedded_prefect_task_history: bool = False
+    # The Prefect work pool of the triage-study deployment; one work queue per urgency
+    # (critical, urgent, routine, in that priority). As in prefect.yaml.
+    work_pool: str = Field("radtriage", min_length=1, max_length=100)
+    # The AI queue's order (see QueueRule); then oldest first.
+    priority_rules: list[QueueRule] = Field(default_factory=_default_queue_rules)
 
 
 class ModelSettings(_Section):
@@ -195,6 +272,17 @@ class WebSettings(_Section):
     max_connections_per_client: int = Field(64, ge=1)
     # One STOW-RS instance (one multipart part) larger than this fails with 0xA700, not stored.
     stow_max_instance_bytes: int = Field(2 * 1024**3, ge=1024)
+    # The URL clients reach the web app by, for the links DICOMweb hands out (RetrieveURL,
+    # BulkDataURI); empty: the scheme, host and port of each request.
+    public_url: str = ""
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError(f"public_url {value!r} must be an http(s) URL such as https://pacs.example.org")
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod

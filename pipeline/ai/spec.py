@@ -19,7 +19,8 @@ Example (abridged)::
                     "type": {"value": "50960005", "scheme": "SCT", "meaning": "Hemorrhage"},
                     "voxel_threshold": 0.5, "min_volume_ml": 0.2,
                     "priority": [{"level": "critical", "min_volume_ml": 30},
-                                 {"level": "urgent"}]}]
+                                 {"level": "urgent"}]}],
+      "urgency": "routine"
     }
 """
 
@@ -165,6 +166,10 @@ class TriageSpec(_Strict):
 
     series: SeriesRules
     findings: list[FindingSpec] = Field(min_length=1)
+    # The place in the AI queue of a study this model will read, before its findings
+    # are known (a stroke or trauma model may be "urgent"); [triage] priority_rules can
+    # raise it further.
+    urgency: Priority = Priority.ROUTINE
     algorithm_family: CodeSpec = CodeSpec(value="123110", scheme="DCM", meaning="Artificial Intelligence")
 
     @model_validator(mode="after")

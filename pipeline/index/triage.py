@@ -8,10 +8,11 @@ are current and which superseded, and which forwards are still owed to which nod
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from datetime import datetime
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, func, select
+from sqlalchemy.orm import Mapped, Session, aliased, mapped_column, relationship
 
 from pipeline.index.schema import Base, Study, UTCDateTime, _enum, utcnow
 
@@ -32,6 +33,9 @@ class AIStatus(str, enum.Enum):
     running = "running"
     done = "done"
     failed = "failed"
+    # No model's series rules match any series of the study: it never goes to the AI
+    # queue. Distinct from ``done`` with no finding, where a model did read it.
+    not_applicable = "not_applicable"
 
 
 class ForwardState(str, enum.Enum):
@@ -49,7 +53,11 @@ class TriageRun(Base):
     """
 
     __tablename__ = "triage_run"
-    __table_args__ = (UniqueConstraint("study_id", "revision", name="uq_triage_run_study_revision"),)
+    __table_args__ = (
+        UniqueConstraint("study_id", "revision", name="uq_triage_run_study_revision"),
+        # The AI queue (queue_positions): the few dispatched runs, in the order workers get them.
+        Index("ix_triage_run_queue", "status", "urgency_rank", "dispatched_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
@@ -65,6 +73,11 @@ class TriageRun(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # JSON: seconds per step (volume_load, inference, writing, storing, ...)
     timings: Mapped[str] = mapped_column(Text, default="{}")
+    # Place in the AI queue, decided at dispatch from what is known before inference
+    # (pipeline.triage.planning): the Prefect work queue is named after the level.
+    urgency: Mapped[str] = mapped_column(String(16), default="routine")
+    urgency_rank: Mapped[int] = mapped_column(Integer, default=0)
+    urgency_reason: Mapped[str] = mapped_column(String(256), default="")
 
     study: Mapped[Study] = relationship()
 
@@ -155,6 +168,34 @@ def worklist_entry(session: Session, study_id: int) -> WorklistEntry:
         )
         session.add(entry)
     return entry
+
+
+def queue_positions(session: Session, study_ids: Iterable[int] | None = None) -> dict[int, int]:
+    """Each waiting study's place in the AI queue (1 = next), by study id.
+
+    A study waits while its latest revision is dispatched and no worker has begun it.
+    The order is the one Prefect's work pool hands to workers: the urgency's work queue
+    first (critical, urgent, routine), then the order the runs were created in, which is
+    the dispatch time. ``study_ids`` restricts the answer (the queue is still counted
+    whole); studies not waiting are absent.
+    """
+    other = aliased(TriageRun)
+    latest = select(func.max(other.revision)).where(other.study_id == TriageRun.study_id).scalar_subquery()
+    waiting = session.execute(
+        select(TriageRun.study_id)
+        .join(WorklistEntry, WorklistEntry.study_id == TriageRun.study_id)
+        .where(
+            TriageRun.status == RunStatus.dispatched,
+            TriageRun.revision == latest,
+            WorklistEntry.ai_status == AIStatus.pending,
+        )
+        .order_by(TriageRun.urgency_rank.desc(), TriageRun.dispatched_at, TriageRun.id)
+    ).scalars()
+    positions = {study_id: place for place, study_id in enumerate(waiting, start=1)}
+    if study_ids is None:
+        return positions
+    wanted = set(study_ids)
+    return {k: v for k, v in positions.items() if k in wanted}
 
 
 class ForwardJob(Base):

@@ -1,7 +1,9 @@
 """Dispatch stable studies to the Prefect deployment ``triage-study``.
 
-The study state in the index is the outbox: a ``stable`` study is owed a flow run. The
-dispatcher creates it with the idempotency key ``<StudyInstanceUID>/<revision>`` and
+The study state in the index is the outbox: a ``stable`` study is owed a plan. The
+dispatcher plans it (:mod:`.planning`): a study no model reads is marked
+``not_applicable`` without Prefect; for the others it creates a flow run in the work
+queue of the study's urgency, with the idempotency key ``<StudyInstanceUID>/<revision>`` and
 only then records the run and moves the study to ``dispatched``, in one transaction.
 If the Prefect API is down, studies stay ``stable`` and are dispatched when it is back;
 if the process dies between the API call and the commit, the next attempt reuses the
@@ -12,19 +14,34 @@ This is the only module of :mod:`pipeline` that imports Prefect.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
-from datetime import UTC
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from pipeline.ai.findings import Priority
 from pipeline.index.db import session_scope
-from pipeline.index.schema import Study, StudyState
-from pipeline.index.triage import AIStatus, TriageRun, worklist_entry
+from pipeline.index.schema import Study, StudyState, utcnow
+from pipeline.index.triage import AIResult, AIStatus, RunStatus, TriageRun, worklist_entry
 from pipeline.process.component import PollLoop
+from pipeline.triage.planning import (
+    QueueContext,
+    StudyPlan,
+    Urgency,
+    needs_header,
+    one_image_path,
+    plan_study,
+    queue_urgency,
+    read_queue_context,
+    series_by_study,
+)
+from pipeline.triage.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +50,44 @@ log = logging.getLogger(__name__)
 FLOW_NAME = "triage-study"
 DEPLOYMENT_NAME = "triage-study"
 DEPLOYMENT = f"{FLOW_NAME}/{DEPLOYMENT_NAME}"
+# One work queue per urgency in the deployment's work pool, most urgent first: Prefect
+# hands a polling worker the runs of the queue with the lowest priority number first,
+# then the oldest. radtriage's worker and `prefect worker start --pool` both do.
+WORK_QUEUES: tuple[str, ...] = tuple(p.value for p in sorted(Priority, key=lambda p: -p.rank))
+DEFAULT_WORK_QUEUE = Priority.ROUTINE.value
+
+
+def work_queue_for(urgency: Priority | str) -> str:
+    """The Prefect work queue of an urgency (``critical``, ``urgent``, ``routine``)."""
+    return Priority(urgency).value
 
 
 def dispatch_key(study_uid: str, revision: int) -> str:
     return f"{study_uid}/{revision}"
 
 
+@dataclass(frozen=True)
+class _Planned:
+    study_id: int
+    study_uid: str
+    last_received_at: datetime
+    plan: StudyPlan
+    urgency: Urgency
+
+
 class Dispatcher(PollLoop):
-    """Turn ``stable`` studies into flow runs, in a thread (see :class:`PollLoop`).
+    """Plan ``stable`` studies and turn those a model reads into flow runs, in a thread.
+
+    A round plans every stable study from the index (the models' series rules; one
+    image header when a priority rule needs it): a study no model reads is marked
+    ``not_applicable`` and ``analysed`` at once, in one transaction for the round, and
+    costs no flow run; the others become flow runs in the Prefect work queue of their
+    urgency, most urgent first, then oldest.
 
     Parameters
     ----------
-    session_factory
-        The index.
+    runtime
+        The index, archive folder, model registry and ``[triage]`` settings.
     on_dispatched
         Called after a round that dispatched something (the in-process worker's wake).
     """
@@ -55,13 +97,14 @@ class Dispatcher(PollLoop):
 
     def __init__(
         self,
-        session_factory: sessionmaker[Session],
+        runtime: Runtime,
         *,
         poll_interval: float = 1.0,
         on_dispatched: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(poll_interval)
-        self.session_factory = session_factory
+        self.runtime = runtime
+        self.session_factory = runtime.session_factory
         self.on_dispatched = on_dispatched
         self._deployment_id: UUID | None = None
         self.api_available = True
@@ -70,26 +113,23 @@ class Dispatcher(PollLoop):
         if self.dispatch_pending() and self.on_dispatched is not None:
             self.on_dispatched()
 
-    def dispatch_pending(self, limit: int = 50) -> list[str]:
-        """Dispatch up to ``limit`` stable studies; return their StudyInstanceUIDs.
+    def dispatch_pending(self, limit: int = 500) -> list[str]:
+        """Plan up to ``limit`` stable studies; return the StudyInstanceUIDs given a flow run.
 
-        Stops at the first API error and leaves the rest ``stable`` for the next round.
+        Studies no model reads are settled in this round without Prefect. Dispatching
+        stops at the first API error and leaves the rest ``stable`` for the next round.
         """
-        with session_scope(self.session_factory, readonly=True) as session:
-            pending = session.scalars(
-                select(Study.StudyInstanceUID)
-                .where(Study.state == StudyState.stable)
-                .order_by(Study.last_received_at)
-                .limit(limit)
-            ).all()
+        planned = self.plan_pending(limit)
+        self._settle_not_applicable([p for p in planned if not p.plan.applicable])
+        queue = sorted((p for p in planned if p.plan.applicable), key=lambda p: (-p.urgency.rank, p.last_received_at))
         dispatched: list[str] = []
-        for study_uid in pending:
+        for item in queue:
             try:
-                if self._dispatch_one(study_uid):
-                    dispatched.append(study_uid)
+                if self._dispatch_one(item):
+                    dispatched.append(item.study_uid)
             except Exception as err:  # noqa: BLE001 - API unreachable or refused: keep the outbox
                 if self.api_available:
-                    log.warning("Prefect API unavailable (%s); %d studies wait to be dispatched", err, len(pending))
+                    log.warning("Prefect API unavailable (%s); %d studies wait to be dispatched", err, len(queue))
                 self.api_available = False
                 self._deployment_id = None
                 break
@@ -99,27 +139,103 @@ class Dispatcher(PollLoop):
                 self.api_available = True
         return dispatched
 
+    def plan_pending(self, limit: int = 500) -> list[_Planned]:
+        """The stable studies (oldest first, up to ``limit``) with their plan and urgency."""
+        registry = self.runtime.registry
+        rules = self.runtime.settings.triage.priority_rules
+        header_rules = needs_header(rules)
+        model_urgency = {m.name: m.spec.urgency for m in registry.available}
+        unavailable = [f"{u.name}: unavailable ({u.reason})" for u in registry.unavailable]
+        out: list[_Planned] = []
+        with session_scope(self.session_factory, readonly=True) as session:
+            stable = session.execute(
+                select(Study.id, Study.StudyInstanceUID, Study.last_received_at)
+                .where(Study.state == StudyState.stable)
+                .order_by(Study.last_received_at)
+                .limit(limit)
+            ).all()
+            series = series_by_study(session, [row.id for row in stable])
+            for row in stable:
+                plan = plan_study(series[row.id], registry.available, unavailable)
+                context = QueueContext()
+                if plan.applicable and header_rules:
+                    path = one_image_path(session, self.runtime.archive.data_dir, plan.models[0].series_instance_uid)
+                    context = read_queue_context(path) if path is not None else context
+                urgency = queue_urgency(plan, series[row.id], rules, context, model_urgency)
+                out.append(_Planned(row.id, row.StudyInstanceUID, row.last_received_at, plan, urgency))
+        return out
+
+    def _settle_not_applicable(self, planned: list[_Planned]) -> None:
+        """Mark studies no model reads: worklist ``not_applicable``, study ``analysed``, no flow run."""
+        if not planned:
+            return
+        with session_scope(self.session_factory) as session:
+            now = utcnow()
+            for item in planned:
+                study = session.get(Study, item.study_id)
+                if study is None or study.state != StudyState.stable:
+                    continue  # a late instance arrived since planning: it is planned again
+                revision = _next_revision(session, study.id)
+                # A revision without a flow run keeps the revision count and the time to triage.
+                session.add(
+                    TriageRun(
+                        study_id=study.id,
+                        revision=revision,
+                        flow_run_id="",
+                        status=RunStatus.done,
+                        last_received_at=study.last_received_at,
+                        stable_at=study.state_changed_at,
+                        dispatched_at=now,
+                        started_at=now,
+                        finished_at=now,
+                        timings=json.dumps(
+                            {"stability_wait": (study.state_changed_at - study.last_received_at).total_seconds()}
+                        ),
+                    )
+                )
+                # Earlier results (from before a late instance) are no longer current.
+                session.execute(
+                    update(AIResult)
+                    .where(AIResult.study_id == study.id, AIResult.superseded.is_(False))
+                    .values(superseded=True)
+                )
+                entry = worklist_entry(session, study.id)
+                entry.ai_status = AIStatus.not_applicable
+                entry.ai_error = ""
+                entry.priority = Priority.ROUTINE.value
+                entry.priority_rank = Priority.ROUTINE.rank
+                entry.summary = item.plan.summary()
+                entry.updated_at = entry.triaged_at = now
+                entry.time_to_triage_seconds = (now - study.last_received_at).total_seconds()
+                study.set_state(StudyState.analysed, now)
+        log.info("%d studies: no AI model applies (marked not applicable, no flow run)", len(planned))
+
     def _deployment(self, client: object) -> UUID:
         if self._deployment_id is None:
             self._deployment_id = client.read_deployment_by_name(DEPLOYMENT).id  # type: ignore[attr-defined]
         return self._deployment_id
 
-    def _dispatch_one(self, study_uid: str) -> bool:
+    def _dispatch_one(self, item: _Planned) -> bool:
         with session_scope(self.session_factory, readonly=True) as session:
-            study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
+            study = session.get(Study, item.study_id)
             if study is None or study.state != StudyState.stable:
                 return False
-            last = session.scalar(select(func.max(TriageRun.revision)).where(TriageRun.study_id == study.id))
-            revision = (last or 0) + 1
+            revision = _next_revision(session, study.id)
+        study_uid, urgency = item.study_uid, item.urgency
         with get_client(sync_client=True) as client:
             flow_run = client.create_flow_run_from_deployment(
                 self._deployment(client),
-                parameters={"study_uid": study_uid, "revision": revision},
+                parameters={
+                    "study_uid": study_uid,
+                    "revision": revision,
+                    "models": [asdict(m) for m in item.plan.models],
+                },
                 idempotency_key=dispatch_key(study_uid, revision),
                 name=f"triage-{study_uid[-12:]}-r{revision}",
+                work_queue_name=work_queue_for(urgency.level),
             )
         with session_scope(self.session_factory) as session:
-            study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
+            study = session.get(Study, item.study_id)
             assert study is not None
             session.add(
                 TriageRun(
@@ -128,6 +244,9 @@ class Dispatcher(PollLoop):
                     flow_run_id=str(flow_run.id),
                     last_received_at=study.last_received_at,
                     stable_at=study.state_changed_at,
+                    urgency=urgency.level.value,
+                    urgency_rank=urgency.rank,
+                    urgency_reason=urgency.reason,
                 )
             )
             # A late instance may have arrived meanwhile: then the study stays received and
@@ -135,8 +254,20 @@ class Dispatcher(PollLoop):
             if study.state == StudyState.stable:
                 study.set_state(StudyState.dispatched)
             worklist_entry(session, study.id).ai_status = AIStatus.pending
-        log.info("dispatched study %s revision %d as flow run %s", study_uid, revision, flow_run.id)
+        log.info(
+            "dispatched study %s revision %d as flow run %s (%s%s)",
+            study_uid,
+            revision,
+            flow_run.id,
+            urgency.level.value,
+            f": {urgency.reason}" if urgency.reason else "",
+        )
         return True
+
+
+def _next_revision(session: Session, study_id: int) -> int:
+    last = session.scalar(select(func.max(TriageRun.revision)).where(TriageRun.study_id == study_id))
+    return (last or 0) + 1
 
 
 def recover_interrupted(session_factory: sessionmaker[Session], *, running_is_stale_after: float | None) -> list[str]:
@@ -149,8 +280,6 @@ def recover_interrupted(session_factory: sessionmaker[Session], *, running_is_st
     run as dead (one-machine installs, where this process is the only worker) and
     ``None`` never does. Scheduled and pending runs are left for a worker to pick up.
     """
-    from datetime import datetime
-
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 

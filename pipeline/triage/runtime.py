@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.archive import Archive
 from pipeline.config import Settings, load_settings
 from pipeline.index.db import create_index_engine, migrate
+from pipeline.triage.gate import InferenceGate
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Runtime:
     # Called after a flow run in this process stored results (the forwarder's wake).
     on_results_stored: Callable[[], None] | None = None
     _registry: Any = field(default=None, repr=False)
+    _gate: InferenceGate | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -49,6 +51,14 @@ class Runtime:
 
                 self._registry = load_registry(self.settings.models.dir)
             return self._registry
+
+    @property
+    def inference_gate(self) -> InferenceGate:
+        """This process's inference slots (``[triage] inference_slots``), shared by its flow runs."""
+        with self._lock:
+            if self._gate is None:
+                self._gate = InferenceGate(self.settings.triage.inference_slots)
+            return self._gate
 
 
 _current: Runtime | None = None

@@ -17,7 +17,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -28,8 +27,9 @@ from sqlalchemy.exc import DBAPIError
 from pipeline.ai.findings import Priority, findings_summary
 from pipeline.errors import PermanentError, TransientError
 from pipeline.index.db import is_transient
-from pipeline.index.schema import SeriesOrigin, Study, StudyState, utcnow
+from pipeline.index.schema import Study, StudyState, utcnow
 from pipeline.index.triage import AIFinding, AIResult, AIStatus, RunStatus, TriageRun, worklist_entry
+from pipeline.triage.planning import PlannedModel, plan_study, series_by_study
 from pipeline.triage.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -62,15 +62,6 @@ def transient_resources(step: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-@dataclass(frozen=True)
-class PlannedModel:
-    """One model that applies to a study, and the series it will read."""
-
-    model_name: str
-    model_version: str
-    series_instance_uid: str
-
-
 def _study(session, study_uid: str) -> Study:
     study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
     if study is None:
@@ -79,8 +70,9 @@ def _study(session, study_uid: str) -> Study:
 
 
 @transient_resources
-def begin_run(rt: Runtime, study_uid: str, revision: int, flow_run_id: str = "") -> None:
-    """Mark the run and the worklist entry as running."""
+def begin_run(rt: Runtime, study_uid: str, revision: int, flow_run_id: str = "") -> int:
+    """Mark the run and the worklist entry as running; return the run's urgency rank
+    (its turn at the inference slots)."""
     from pipeline.index.db import session_scope
 
     with session_scope(rt.session_factory) as session:
@@ -100,36 +92,22 @@ def begin_run(rt: Runtime, study_uid: str, revision: int, flow_run_id: str = "")
         entry.ai_status = AIStatus.running
         entry.ai_error = ""
         entry.updated_at = now
+        return run.urgency_rank or 0
 
 
 @transient_resources
 def plan_models(rt: Runtime, study_uid: str) -> list[PlannedModel]:
-    """Every available model whose series rules match a received series of the study."""
-    from pipeline.ai.selection import SeriesInfo, select_series
+    """Every available model whose series rules match a received series of the study.
+
+    The dispatcher plans the same way and passes its plan to the flow; this is for a
+    flow run started without one (a notebook, ``prefect deployment run``).
+    """
     from pipeline.index.db import session_scope
 
     with session_scope(rt.session_factory, readonly=True) as session:
         study = _study(session, study_uid)
-        candidates = [
-            SeriesInfo(
-                series_instance_uid=s.SeriesInstanceUID,
-                modality=s.Modality,
-                body_part_examined=s.BodyPartExamined,
-                series_description=s.SeriesDescription,
-                image_type=tuple(v for v in s.ImageType.split("\\") if v),
-                number_of_instances=s.NumberOfSeriesRelatedInstances,
-                slice_thickness=s.SliceThickness,
-                files=[],
-            )
-            for s in study.series
-            if s.origin == SeriesOrigin.received
-        ]
-    planned = []
-    for model in rt.registry.available:
-        chosen = select_series(model.spec, candidates)
-        if chosen is not None:
-            planned.append(PlannedModel(model.name, model.version, chosen.series_instance_uid))
-    return planned
+        series = series_by_study(session, [study.id])[study.id]
+    return list(plan_study(series, rt.registry.available).models)
 
 
 @transient_resources
@@ -279,15 +257,26 @@ def finish_run(
         failures = [r for r in results if not r.ok]
         priority = Priority.highest([Priority(r.priority) for r in results if r.ok])
         now = utcnow()
+        latest = _latest_revision(session, study.id) <= revision
+        run = session.scalar(select(TriageRun).where(TriageRun.study_id == study.id, TriageRun.revision == revision))
         entry = worklist_entry(session, study.id)
+        if not latest:
+            # A newer revision was dispatched meanwhile: the worklist waits for its results.
+            if run is not None:
+                run.status, run.finished_at = (RunStatus.failed if failures else RunStatus.done), now
+            log.info("study %s revision %d finished after a newer revision; worklist left to it", study_uid, revision)
+            return {"priority": priority.value, "ai_status": entry.ai_status.value, "summary": entry.summary}
         entry.priority = priority.value
         entry.priority_rank = priority.rank
         entry.summary = _summary(results)
-        entry.ai_status = AIStatus.failed if failures else AIStatus.done
+        if failures:
+            entry.ai_status = AIStatus.failed
+        else:
+            # No result at all: no model read the study (planned in the flow, not at dispatch).
+            entry.ai_status = AIStatus.done if results else AIStatus.not_applicable
         entry.ai_error = "; ".join(f"{r.model_name}: {r.error}" for r in failures)
         entry.updated_at = now
         entry.triaged_at = now
-        run = session.scalar(select(TriageRun).where(TriageRun.study_id == study.id, TriageRun.revision == revision))
         if run is not None:
             run.status = RunStatus.failed if failures else RunStatus.done
             run.error = entry.ai_error
@@ -300,7 +289,7 @@ def finish_run(
                 all_timings["dispatch"] = (run.started_at - run.stable_at).total_seconds() if run.started_at else 0.0
             run.timings = json.dumps(all_timings)
             entry.time_to_triage_seconds = (now - run.last_received_at).total_seconds()
-        if study.state == StudyState.dispatched and _latest_revision(session, study.id) == revision:
+        if study.state == StudyState.dispatched:
             study.set_state(StudyState.failed if failures else StudyState.analysed)
         return {"priority": priority.value, "ai_status": entry.ai_status.value, "summary": entry.summary}
 
@@ -314,4 +303,4 @@ def _summary(results: list[AIResult]) -> str:
     found = findings_summary(f for r in results for f in r.findings)
     if found:
         return found
-    return "No AI finding" if any(r.ok for r in results) else ("AI failed" if results else "No applicable AI model")
+    return "No AI finding" if any(r.ok for r in results) else ("AI failed" if results else "No AI model applies")

@@ -30,7 +30,8 @@ def _eventually(attempt, timeout: float = 30.0):
 
 
 def _stable_study(rt: Runtime, tmp_path: Path, seed: int) -> str:
-    files = synth_study(tmp_path / f"in{seed}", seed=seed, slices=4, rows=64, cols=64)
+    # 16 slices: the head CT model reads it, so the study is owed a flow run.
+    files = synth_study(tmp_path / f"in{seed}", seed=seed, slices=16, rows=64, cols=64)
     for path in files:
         rt.archive.store_dataset(pydicom.dcmread(path))
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
@@ -55,7 +56,7 @@ def test_study_waits_while_prefect_is_down_and_is_dispatched_when_it_is_back(pre
     register_deployment()
     rt = Runtime.from_settings(flow_settings)
     study_uid = _stable_study(rt, tmp_path, seed=11)
-    dispatcher = Dispatcher(rt.session_factory)
+    dispatcher = Dispatcher(rt)
 
     prefect_server.stop()
     assert dispatcher.dispatch_pending() == []
@@ -71,7 +72,9 @@ def test_study_waits_while_prefect_is_down_and_is_dispatched_when_it_is_back(pre
     assert [revision for revision, _ in runs] == [1]
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(runs[0][1])
-    assert flow_run.parameters == {"study_uid": study_uid, "revision": 1}
+    assert flow_run.parameters["study_uid"] == study_uid and flow_run.parameters["revision"] == 1
+    assert [m["model_name"] for m in flow_run.parameters["models"]] == ["head_ct_hemorrhage"]
+    assert flow_run.work_queue_name == "routine"
     assert flow_run.state.is_scheduled()
     # Nothing more to dispatch: the study left the outbox.
     assert dispatcher.dispatch_pending() == []
@@ -84,7 +87,7 @@ def test_a_crash_between_the_api_call_and_the_commit_does_not_dispatch_twice(pre
     register_deployment()
     rt = Runtime.from_settings(flow_settings)
     study_uid = _stable_study(rt, tmp_path, seed=12)
-    dispatcher = Dispatcher(rt.session_factory)
+    dispatcher = Dispatcher(rt)
     assert dispatcher.dispatch_pending() == [study_uid]
     _, runs = _study_and_runs(rt, study_uid)
     first_flow_run = runs[0][1]
@@ -110,7 +113,7 @@ def test_a_run_that_died_with_its_process_is_dispatched_again_at_start(prefect_s
     register_deployment()
     rt = Runtime.from_settings(flow_settings)
     study_uid = _stable_study(rt, tmp_path, seed=13)
-    dispatcher = Dispatcher(rt.session_factory)
+    dispatcher = Dispatcher(rt)
     assert dispatcher.dispatch_pending() == [study_uid]
     _, [(_, flow_run_id)] = _study_and_runs(rt, study_uid)
 

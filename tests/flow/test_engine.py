@@ -16,7 +16,15 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.settings import get_current_settings
 
-from flows.engine import PREFECT_VERSION, apply_deployment, claim_flow_run, run_flow_run, use_api_url
+from flows.engine import (
+    PREFECT_VERSION,
+    apply_deployment,
+    claim_flow_run,
+    ensure_work_queues,
+    run_flow_run,
+    scheduled_flow_runs,
+    use_api_url,
+)
 from pipeline.triage.prefect_server import LocalPrefectServer
 
 pytestmark = pytest.mark.slow  # a Prefect server
@@ -54,6 +62,31 @@ def test_one_claim_wins_and_the_claimed_run_executes_as_itself(prefect_server: L
         recorded = client.read_flow_run(scheduled.id)
     assert state.is_completed() and state.result() == 42
     assert recorded.state is not None and recorded.state.is_completed()
+
+
+def test_the_work_pool_serves_the_most_urgent_queue_first_then_the_oldest(prefect_server: LocalPrefectServer) -> None:
+    queues = ["q-critical", "q-urgent", "q-routine"]
+    with get_client(sync_client=True) as client:
+        priorities = ensure_work_queues(client, "engine-pool", queues)
+        assert [priorities[q] for q in queues] == [1, 2, 3]
+        # Someone reordered the queues in the UI: applying again restores the order.
+        client.update_work_queue(
+            client.read_work_queue_by_name("q-routine", work_pool_name="engine-pool").id, priority=1
+        )
+        assert [ensure_work_queues(client, "engine-pool", queues)[q] for q in queues] == [1, 2, 3]
+        deployment = apply_deployment(
+            client,
+            double,
+            "pool",
+            entrypoint="tests/flow/test_engine.py:double",
+            tags=[],
+            work_pool_name="engine-pool",
+            work_queue_name="q-routine",
+        )
+        for x, queue in [(1, "q-routine"), (2, "q-routine"), (3, "q-urgent"), (4, "q-critical"), (5, None)]:
+            client.create_flow_run_from_deployment(deployment, parameters={"x": x}, work_queue_name=queue)
+        order = [r.parameters["x"] for r in scheduled_flow_runs(client, "engine-pool", deployment, limit=10)]
+    assert order == [4, 3, 1, 2, 5]
 
 
 def test_a_new_api_url_reaches_every_thread(prefect_server: LocalPrefectServer) -> None:
