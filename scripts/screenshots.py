@@ -1,8 +1,10 @@
 """Screenshots for the README, from the real running system.
 
 Starts ``radtriage serve`` (embedded Prefect), sends the demo studies, waits until they
-are analysed, logs in with headless Chromium at 1280×800 and saves the worklist and the
-page of the most urgent study to ``docs/screenshots/``.
+are analysed, logs in with headless Chromium at 1280×800 and saves to ``docs/screenshots/``:
+the worklist, the critical-finding banner, the page of the most urgent study, and that
+study in the OHIF viewer with its AI segmentation over the CT and the SR's findings
+(``make viewer`` first).
 
 Usage: ``.venv/bin/python scripts/screenshots.py``
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.peers import ohif  # noqa: E402
 from tests.peers.chromium import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 from tests.peers.radtriage import RadtriageServer  # noqa: E402
 
@@ -49,11 +52,23 @@ def main() -> int:
             page.wait_for_url("**/worklist")
             page.wait_for_timeout(500)
             page.screenshot(path=str(out / "worklist.png"))
+            banner = page.locator(".alert-critical").first
+            if studies[0]["priority"] == "critical":
+                banner.wait_for(timeout=10_000)
+                page.screenshot(
+                    path=str(out / "critical-banner.png"), clip={"x": 0, "y": 0, "width": 1280, "height": 300}
+                )
             page.goto(f"/studies/{top}")
             page.wait_for_load_state("networkidle")
             page.screenshot(path=str(out / "study.png"))
+            page.set_viewport_size({"width": 1600, "height": 900})
+            ohif.open_study_in_viewer(page, top)
+            ohif.show_segmentation(page, "Intracranial hemorrhage")
+            ohif.wait_until_drawn(page, 1)
+            page.wait_for_timeout(1500)  # the SEG's fill and the SR's outline fade in
+            page.screenshot(path=str(out / "viewer.png"))
             browser.close()
-    print(f"saved {out / 'worklist.png'} and {out / 'study.png'}")
+    print(f"saved {', '.join(sorted(p.name for p in out.glob('*.png')))} in {out}")
     return 0
 
 

@@ -96,6 +96,9 @@ class AuditEvent(Base):
     """One access to the web app or API: who, from where, what, and the answer."""
 
     __tablename__ = "web_audit"
+    # Per study, then per action: "has anyone acknowledged this critical finding since?"
+    # is one seek (pipeline.web.alerts); lookups by study alone use its first column.
+    __table_args__ = (Index("ix_web_audit_study_action", "StudyInstanceUID", "action", "at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
@@ -106,5 +109,5 @@ class AuditEvent(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     # What happened beyond the request line: "login", "login failed", "mark read", ...
     action: Mapped[str] = mapped_column(String(64), default="")
-    StudyInstanceUID: Mapped[str] = mapped_column(String(64), default="", index=True)
+    StudyInstanceUID: Mapped[str] = mapped_column(String(64), default="")
     detail: Mapped[str] = mapped_column(Text, default="")

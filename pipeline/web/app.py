@@ -155,7 +155,7 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], archi
         Where slices and SEG/SR files are read from (``path_of(sop_instance_uid)``),
         normally :class:`pipeline.archive.Archive`.
     """
-    from pipeline.web import api, pages, viewer
+    from pipeline.web import alert_routes, api, pages, viewer
     from pipeline.web.dicomweb.routes import build_router as dicomweb_router
 
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -182,6 +182,7 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], archi
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(pages.router)
     app.include_router(api.router)
+    app.include_router(alert_routes.router)
     app.include_router(dicomweb_router())
     app.include_router(viewer.build_router())
 
@@ -246,6 +247,8 @@ def _is_viewer_asset(path: str) -> bool:
 
 
 def _audit_request(ctx: WebContext, request: Request, status_code: int, detail: str = "") -> None:
+    if getattr(request.state, "audit_written", False) and status_code < 400:
+        return  # the handler committed this request's record with its own change (an acknowledgement)
     user = request.state.user
     if user is not None and user.token_name and not detail:
         detail = f"API token {user.token_name}"

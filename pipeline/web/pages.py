@@ -15,6 +15,7 @@ from sqlalchemy import select
 from pipeline.index.db import session_scope
 from pipeline.index.schema import Series, SeriesOrigin
 from pipeline.index.triage import AIStatus
+from pipeline.web.alerts import critical_state, pending_alerts
 from pipeline.web.auth import (
     LOGIN_COOKIE,
     SESSION_COOKIE,
@@ -226,6 +227,7 @@ def worklist_page(
             for m in session.scalars(select(Series.Modality).where(Series.origin == SeriesOrigin.received).distinct())
             if m
         )
+        alerts = pending_alerts(session)  # filters never hide a critical finding
     return _render(
         request,
         "worklist.html",
@@ -235,6 +237,7 @@ def worklist_page(
         statuses=[s.value for s in AIStatus],
         priorities=PRIORITIES,
         poll_seconds=POLL_SECONDS,
+        alerts=alerts,
     )
 
 
@@ -277,6 +280,7 @@ def study_page(request: Request, study_uid: str, window: str = "", overlay: str 
         if not series_uid and received:
             series_uid = received[0].SeriesInstanceUID
         slices = series_slices(session, series_uid) if series_uid else []
+        critical = critical_state(session, study_uid)
         head_window = default_window(
             [s.BodyPartExamined for s in received], [item.StudyDescription] + [s.SeriesDescription for s in received]
         )
@@ -298,6 +302,7 @@ def study_page(request: Request, study_uid: str, window: str = "", overlay: str 
         windows=WINDOWS,
         overlay=overlay,
         overlays=OVERLAYS,
+        critical=critical,
         # OHIF on this study, opened on the key image (the slice where the finding is largest).
         viewer_href=viewer_url(
             item.StudyInstanceUID, series_uid if key else "", key.key_sop_instance_uid if key else ""

@@ -295,3 +295,37 @@ def test_dicomweb_client_finds_and_retrieves(web: WebEnv, dicomweb: DICOMwebClie
     assert frame == stored.PixelData
     retrieved = dicomweb.retrieve_series(web.bleed.StudyInstanceUID, web.bleed.SeriesInstanceUID)
     assert sorted(d.SOPInstanceUID for d in retrieved) == sorted(web.bleed.sop_uids)
+
+
+def test_public_url_is_used_for_the_links(web: WebEnv) -> None:
+    from pipeline.web import WebServer
+
+    settings = web.settings.model_copy(deep=True)
+    settings.web.public_url = "https://pacs.example.org/radtriage"
+    server = WebServer(settings, web.archive.session_factory, web.archive)
+    server.start()
+    try:
+        study = web.bleed.StudyInstanceUID
+        r = httpx.get(f"{server.url}/dicom-web/studies", params={"StudyInstanceUID": study}, auth=("alice", PASSWORD))
+        assert _value(r.json()[0], "00081190") == f"https://pacs.example.org/radtriage/dicom-web/studies/{study}"
+        meta = httpx.get(
+            f"{server.url}/dicom-web/studies/{study}/series/{web.bleed.SeriesInstanceUID}/metadata",
+            auth=("alice", PASSWORD),
+        ).json()
+        assert meta[0]["7FE00010"]["BulkDataURI"].startswith("https://pacs.example.org/radtriage/dicom-web/studies/")
+    finally:
+        server.stop()
+
+
+def test_our_dicom_json_is_pydicoms_without_the_bulk(web: WebEnv) -> None:
+    """The fast encoder (dicomjson._fast) gives what pydicom's to_json_dict gives, for the
+    CT, the SEG and the SR (sequences, PN, DS/IS, multi-valued US/UL/FL, empty values)."""
+    from pipeline.web.dicomweb.dicomjson import dataset_json
+
+    for sop in (web.bleed.sop_uids[0], web.bleed.seg_uid, web.bleed.sr_uid):
+        ds = pydicom.dcmread(web.archive.path_of(sop), stop_before_pixels=True)
+        ours = dataset_json(ds, lambda path: "bulk/" + path)
+        reference = pydicom.dcmread(web.archive.path_of(sop), stop_before_pixels=True).to_json_dict(1024, lambda e: "")
+        for tag, value in reference.items():
+            if not tag.endswith("0000") and "BulkDataURI" not in value and "InlineBinary" not in value:
+                assert ours[tag] == value, tag

@@ -30,5 +30,7 @@ PREFIX = "/dicom-web"
 
 
 def base_url(request: Request) -> str:
-    """This server's DICOMweb root as the client reached it (``http://host:port/dicom-web``)."""
-    return str(request.base_url).rstrip("/") + PREFIX
+    """This server's DICOMweb root: ``[web] public_url`` when set, else as the client
+    reached it (``http://host:port/dicom-web``, from the request's Host header)."""
+    public = request.app.state.ctx.settings.web.public_url
+    return (public or str(request.base_url).rstrip("/")) + PREFIX
