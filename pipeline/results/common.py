@@ -93,6 +93,12 @@ def ordered_sources(source_images: Sequence[Dataset], result: ModelResult) -> li
     return ordered
 
 
+def series_description(base: str, model: ModelIdentity) -> str:
+    """``AI segmentation (ich-detector 1.2.0)``: the model shows wherever a viewer lists
+    series (OHIF's study browser and segmentation panel show no other field naming it)."""
+    return f"{base} ({model.name} {model.version})"[:64]
+
+
 def model_equipment(model: ModelIdentity, settings: ResultSettings) -> hd.ContributingEquipment:
     """Contributing Equipment item that names the model (IHE AI Results style)."""
     return hd.ContributingEquipment(

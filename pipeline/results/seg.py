@@ -41,6 +41,7 @@ from pipeline.results.common import (
     coded,
     model_equipment,
     ordered_sources,
+    series_description,
     software_version,
 )
 
@@ -164,7 +165,7 @@ def build_seg(
             device_serial_number=settings.device_serial_number,
             content_description=f"{result.model.name} {result.model.version}"[:64],
             content_label=_content_label(result.model.name),
-            series_description=settings.seg_series_description,
+            series_description=series_description(settings.seg_series_description, result.model),
             institution_name=settings.institution_name or None,
             plane_positions=plane_positions,
             omit_empty_frames=not keep_empty,

@@ -36,7 +36,7 @@ from pydicom.uid import generate_uid
 from pipeline.ai.findings import Code, Finding, ModelIdentity, ModelResult
 from pipeline.config import ResultSettings
 from pipeline.errors import PermanentError
-from pipeline.results.common import coded, model_equipment, ordered_sources
+from pipeline.results.common import coded, model_equipment, ordered_sources, series_description
 from pipeline.results.outline import outline
 
 logger = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def build_sr(
             instance_number=1,
             manufacturer=settings.manufacturer,
             institution_name=settings.institution_name or None,
-            series_description=settings.sr_series_description,
+            series_description=series_description(settings.sr_series_description, model),
             # Machine output nobody has signed: complete, but unverified and preliminary.
             is_complete=True,
             is_final=False,

@@ -55,7 +55,11 @@ def test_seg_with_a_bleed_is_valid_and_reads_back(
     seg = hd.seg.segread(path)
     assert seg.SegmentationType == "BINARY"
     assert seg.StudyInstanceUID == ct_series.study_instance_uid
-    assert (seg.SeriesNumber, seg.SeriesDescription, seg.Manufacturer) == (7101, "AI ICH mask", "Example Hospital AI")
+    assert (seg.SeriesNumber, seg.SeriesDescription, seg.Manufacturer) == (
+        7101,
+        f"AI ICH mask ({MODEL.name} {MODEL.version})",
+        "Example Hospital AI",
+    )
     assert seg.DeviceSerialNumber == "RT-0042"
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct_series.series_instance_uid
     referenced = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}

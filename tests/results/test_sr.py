@@ -54,7 +54,11 @@ def test_sr_with_a_bleed_reports_it_and_points_at_the_seg(
     sr = hd.sr.srread(sr_path)
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
     assert sr.StudyInstanceUID == ct_series.study_instance_uid
-    assert (sr.SeriesNumber, sr.SeriesDescription, sr.Manufacturer) == (7102, "AI ICH report", "Example Hospital AI")
+    assert (sr.SeriesNumber, sr.SeriesDescription, sr.Manufacturer) == (
+        7102,
+        f"AI ICH report ({MODEL.name} {MODEL.version})",
+        "Example Hospital AI",
+    )
     assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
     models = [e for e in sr.ContributingEquipmentSequence if e.get("ManufacturerModelName") == MODEL.name]
     assert len(models) == 1 and models[0].SoftwareVersions == MODEL.version
