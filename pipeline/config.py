@@ -275,6 +275,8 @@ class WebSettings(_Section):
     # The URL clients reach the web app by, for the links DICOMweb hands out (RetrieveURL,
     # BulkDataURI); empty: the scheme, host and port of each request.
     public_url: str = ""
+    # Studies per worklist page (and the API's default limit); the total is always shown.
+    worklist_page_size: int = Field(50, ge=10, le=500)
 
     @field_validator("public_url")
     @classmethod

@@ -15,13 +15,16 @@ from pipeline.index.triage import AIStatus
 from pipeline.web.auth import AuthUser, csrf_ok
 from pipeline.web.context import WebContext
 from pipeline.web.worklist import (
+    MAX_LIMIT,
     BadSearch,
+    ReadFilter,
     StudyNotFound,
+    WorklistFilter,
     check_search,
     get_worklist_item,
-    list_worklist,
     read_action,
     set_read,
+    worklist_page,
 )
 
 router = APIRouter()
@@ -47,6 +50,9 @@ def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "index": "ok"})
 
 
+READ_VALUES = {"true": ReadFilter.read, "false": ReadFilter.unread} | {r.value: r for r in ReadFilter}
+
+
 @router.get("/api/worklist")
 def api_worklist(
     request: Request,
@@ -55,41 +61,47 @@ def api_worklist(
     modality: str = "",
     q: str = "",
     read: str = "",
-    limit: int = 1000,
+    limit: int | None = None,
+    offset: int = 0,
 ) -> JSONResponse:
-    """The worklist, most urgent first: ``{"generated_at", "count", "studies": [...]}``.
+    """One page of the worklist, most urgent first, as the worklist page orders it.
 
-    Filters: ``status`` (pending|running|done|failed), ``priority``
-    (critical|urgent|routine), ``modality``, ``q`` (name, ID or accession; at most 8
-    words, 128 characters), ``read`` (true|false). A bad filter is answered 400.
+    ``{"generated_at", "total", "offset", "limit", "count", "next_offset", "studies": [...]}``:
+    ``total`` counts the matching studies on all pages, ``next_offset`` is the ``offset``
+    of the next page (``null`` on the last). ``limit`` defaults to ``[web]
+    worklist_page_size``, at most 1000. Filters: ``status``
+    (pending|running|done|failed|not_applicable), ``priority`` (critical|urgent|routine),
+    ``modality``, ``q`` (name, ID or accession; at most 8 words, 128 characters),
+    ``read`` (true|false, or recent|unread|read|all; default all). A bad parameter is
+    answered 400.
     """
     if status and status not in {s.value for s in AIStatus}:
         return _error(400, f"status must be one of {', '.join(s.value for s in AIStatus)}")
     if priority and priority not in {p.value for p in Priority}:
         return _error(400, f"priority must be one of {', '.join(p.value for p in Priority)}")
-    if read not in ("", "true", "false"):
-        return _error(400, "read must be true or false")
+    if read and read not in READ_VALUES:
+        return _error(400, f"read must be one of {', '.join(READ_VALUES)}")
     if len(modality) > MAX_MODALITY_CHARS:
         return _error(400, f"modality must be at most {MAX_MODALITY_CHARS} characters (e.g. CT)")
+    if offset < 0 or (limit is not None and not 1 <= limit <= MAX_LIMIT):
+        return _error(400, f"offset must be 0 or more and limit 1 to {MAX_LIMIT}")
     try:
         search = check_search(q)
     except BadSearch as err:
         return _error(400, str(err))
-    with session_scope(_ctx(request).session_factory, readonly=True) as session:
-        items = list_worklist(
-            session,
-            status=status or None,
-            priority=priority or None,
-            modality=modality or None,
-            search=search or None,
-            read={"true": True, "false": False}.get(read),
-            limit=max(1, min(limit, 10_000)),
-        )
+    ctx = _ctx(request)
+    where = WorklistFilter(status or None, priority or None, modality or None, search or None, READ_VALUES.get(read))
+    with session_scope(ctx.session_factory, readonly=True) as session:
+        page = worklist_page(session, where, offset=offset, limit=limit or ctx.settings.web.worklist_page_size)
     return JSONResponse(
         {
             "generated_at": datetime.now(UTC).isoformat(),
-            "count": len(items),
-            "studies": [item.to_json() for item in items],
+            "total": page.total,
+            "offset": page.offset,
+            "limit": page.limit,
+            "count": len(page.items),
+            "next_offset": page.offset + page.limit if page.has_next else None,
+            "studies": [item.to_json() for item in page.items],
         }
     )
 

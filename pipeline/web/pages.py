@@ -6,7 +6,9 @@ import hashlib
 import logging
 import re
 import secrets
+import time
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -29,15 +31,20 @@ from pipeline.web.auth import (
 )
 from pipeline.web.context import WebContext, client_address, received_series, series_slices, study_instance
 from pipeline.web.imaging import OVERLAYS, WINDOWS, NotAnImage, default_window
+from pipeline.web.reading import models_registry, study_readings
 from pipeline.web.viewer import viewer_url
 from pipeline.web.worklist import (
     BadSearch,
+    ReadFilter,
     StudyNotFound,
+    WorklistFilter,
+    WorklistPage,
     check_search,
     get_worklist_item,
-    list_worklist,
     read_action,
     set_read,
+    worklist_page,
+    worklist_version,
 )
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,15 @@ PRIORITIES = ("critical", "urgent", "routine")
 # Objects that are not pictures: their slice URL answers 415, not a rendering error.
 NOT_IMAGES = {"SR", "SEG", "KO", "PR", "RTSTRUCT", "DOC"}
 _NONCE = re.compile(r"[A-Za-z0-9_-]{32}")
+READ_CHOICES = {
+    ReadFilter.recent.value: "unread + read in 7 days",
+    ReadFilter.unread.value: "unread",
+    ReadFilter.read.value: "read",
+    ReadFilter.all.value: "all",
+}
+MAX_PAGE = 100_000
+# In every rows ETag: after a restart (other templates) no old page is told 304.
+_BOOT = secrets.token_hex(8)
 
 
 def _ctx(request: Request) -> WebContext:
@@ -190,37 +206,73 @@ def logout(request: Request, csrf_token: str = Form("")) -> Response:
     return response
 
 
-def _filters(status: str, priority: str, modality: str, q: str) -> dict[str, str]:
-    """The worklist filters; raises :class:`BadSearch` for a search over the limits."""
+def _filters(status: str, priority: str, modality: str, q: str, read: str = "", page: str = "") -> dict[str, str]:
+    """The worklist filters, tolerant of odd values; raises :class:`BadSearch` for a search over the limits."""
+    number = int(page) if page.isdigit() else 1
     return {
         "status": status if status in {s.value for s in AIStatus} else "",
         "priority": priority if priority in PRIORITIES else "",
         "modality": modality.strip().upper()[:16],
         "q": check_search(q),
+        "read": read if read in READ_CHOICES else ReadFilter.recent.value,
+        "page": str(min(max(number, 1), MAX_PAGE)),
     }
 
 
-def _worklist_items(ctx: WebContext, filters: dict[str, str]) -> list[Any]:
+def _href(filters: dict[str, str], **changes: str) -> str:
+    """The worklist URL with these filters (defaults left out) and ``changes``."""
+    wanted = filters | changes
+    defaults = {"read": ReadFilter.recent.value, "page": "1"}
+    query = {k: v for k, v in wanted.items() if v and defaults.get(k) != v}
+    return "/worklist" + (f"?{urlencode(query)}" if query else "")
+
+
+def _worklist_page(ctx: WebContext, filters: dict[str, str]) -> WorklistPage:
+    size = ctx.settings.web.worklist_page_size
+    where = WorklistFilter(
+        filters["status"] or None,
+        filters["priority"] or None,
+        filters["modality"] or None,
+        filters["q"] or None,
+        filters["read"],
+    )
     with session_scope(ctx.session_factory, readonly=True) as session:
-        return list_worklist(
-            session,
-            status=filters["status"] or None,
-            priority=filters["priority"] or None,
-            modality=filters["modality"] or None,
-            search=filters["q"] or None,
-        )
+        return worklist_page(session, where, offset=(int(filters["page"]) - 1) * size, limit=size)
+
+
+def _rows_etag(ctx: WebContext, filters: dict[str, str]) -> str:
+    """The rows' ETag from :func:`worklist_version`, not from rendering them.
+
+    The minute is part of it: the rows say "12 min ago", and whatever the aggregates
+    miss shows within a minute.
+    """
+    with session_scope(ctx.session_factory, readonly=True) as session:
+        version = worklist_version(session)
+    key = repr((_BOOT, int(time.time() // 60), sorted(filters.items()), ctx.settings.web.worklist_page_size, version))
+    return '"' + hashlib.sha256(key.encode()).hexdigest()[:32] + '"'
+
+
+def _range_headers(page: WorklistPage) -> dict[str, str]:
+    return {"X-Total-Count": str(page.total), "X-Range-First": str(page.first), "X-Range-Last": str(page.last)}
 
 
 @router.get("/worklist", response_class=HTMLResponse)
-def worklist_page(
-    request: Request, status: str = "", priority: str = "", modality: str = "", q: str = ""
+def worklist_html(
+    request: Request,
+    status: str = "",
+    priority: str = "",
+    modality: str = "",
+    q: str = "",
+    read: str = "",
+    page: str = "",
 ) -> HTMLResponse:
     ctx = _ctx(request)
     try:
-        filters = _filters(status, priority, modality, q)
+        filters = _filters(status, priority, modality, q, read, page)
     except BadSearch as err:
         return _render(request, "message.html", status_code=400, title="Search too long", message=str(err))
-    items = _worklist_items(ctx, filters)
+    etag = _rows_etag(ctx, filters)  # before the rows: a change in between is seen by the first poll
+    shown = _worklist_page(ctx, filters)
     with session_scope(ctx.session_factory, readonly=True) as session:
         modalities = sorted(
             m
@@ -228,32 +280,50 @@ def worklist_page(
             if m
         )
         alerts = pending_alerts(session)  # filters never hide a critical finding
+    number = shown.number
     return _render(
         request,
         "worklist.html",
-        items=items,
+        page=shown,
+        items=shown.items,
         filters=filters,
+        filtered=any(filters[k] for k in ("status", "priority", "modality", "q"))
+        or filters["read"] != ReadFilter.recent.value,
+        previous_href=_href(filters, page=str(number - 1)) if shown.has_previous else "",
+        next_href=_href(filters, page=str(number + 1)) if shown.has_next else "",
+        first_href=_href(filters, page="1"),
         modalities=modalities,
         statuses=[s.value for s in AIStatus],
         priorities=PRIORITIES,
+        read_choices=READ_CHOICES,
         poll_seconds=POLL_SECONDS,
+        rows_etag=etag,
         alerts=alerts,
     )
 
 
 @router.get("/worklist/rows")
-def worklist_rows(request: Request, status: str = "", priority: str = "", modality: str = "", q: str = "") -> Response:
+def worklist_rows(
+    request: Request,
+    status: str = "",
+    priority: str = "",
+    modality: str = "",
+    q: str = "",
+    read: str = "",
+    page: str = "",
+) -> Response:
+    """The page's rows, polled every few seconds: 304 from a few aggregates when nothing changed."""
+    ctx = _ctx(request)
     try:
-        filters = _filters(status, priority, modality, q)
+        filters = _filters(status, priority, modality, q, read, page)
     except BadSearch as err:
         return Response(str(err), status_code=400, media_type="text/plain")
-    items = _worklist_items(_ctx(request), filters)
-    response = _render(request, "_rows.html", items=items)
-    # The page polls this every few seconds: answer 304 when nothing it shows changed.
-    etag = '"' + hashlib.sha256(bytes(response.body)).hexdigest()[:32] + '"'
+    etag = _rows_etag(ctx, filters)
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"ETag": etag})
-    response.headers["ETag"] = etag
+    shown = _worklist_page(ctx, filters)
+    response = _render(request, "_rows.html", items=shown.items)
+    response.headers.update({"ETag": etag, **_range_headers(shown)})
     return response
 
 
@@ -281,6 +351,7 @@ def study_page(request: Request, study_uid: str, window: str = "", overlay: str 
             series_uid = received[0].SeriesInstanceUID
         slices = series_slices(session, series_uid) if series_uid else []
         critical = critical_state(session, study_uid)
+        readings = study_readings(received, item, models_registry(ctx.settings.models.dir))
         head_window = default_window(
             [s.BodyPartExamined for s in received], [item.StudyDescription] + [s.SeriesDescription for s in received]
         )
@@ -303,6 +374,7 @@ def study_page(request: Request, study_uid: str, window: str = "", overlay: str 
         overlay=overlay,
         overlays=OVERLAYS,
         critical=critical,
+        readings=readings,
         # OHIF on this study, opened on the key image (the slice where the finding is largest).
         viewer_href=viewer_url(
             item.StudyInstanceUID, series_uid if key else "", key.key_sop_instance_uid if key else ""

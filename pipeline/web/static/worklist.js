@@ -1,4 +1,5 @@
-// Live worklist: re-fetch the rows every few seconds; newly flagged studies flash.
+// Live worklist: re-fetch this page's rows every few seconds (the server answers 304 from
+// a change counter when nothing changed); newly flagged studies flash.
 (function () {
   "use strict";
   const tbody = document.getElementById("rows");
@@ -9,11 +10,21 @@
   const seconds = Number(tbody.dataset.pollSeconds || "3");
   const rank = { critical: 2, urgent: 1, routine: 0 };
   const known = new Map();
-  let etag = null;
+  const range = document.getElementById("range");
+  let etag = tbody.dataset.etag || null;  // the rows came with the page: no render on the first poll
   const fresh = new Map();  // newly flagged studies stay marked for a while
   const FRESH_MS = 5 * 60 * 1000;
   const remember = () => tbody.querySelectorAll("tr.row").forEach((tr) => known.set(tr.dataset.uid, tr.dataset.priority));
   remember();
+
+  // "1–50 of 5,000": the total moves as studies arrive, on every page.
+  function showRange(headers) {
+    const total = Number(headers.get("X-Total-Count"));
+    if (!range || !headers.has("X-Total-Count")) return;
+    const first = Number(headers.get("X-Range-First")), last = Number(headers.get("X-Range-Last"));
+    const n = (v) => v.toLocaleString("en-US");
+    range.textContent = first ? `${n(first)}–${n(last)} of ${n(total)}` : `0 of ${n(total)}`;
+  }
 
   async function poll() {
     try {
@@ -25,6 +36,7 @@
       if (response.status !== 304 && !response.ok) throw new Error("HTTP " + response.status);
       if (response.status !== 304) {
         etag = response.headers.get("ETag");
+        showRange(response.headers);
         const html = await response.text();
         const focused = document.activeElement && document.activeElement.closest("tr.row");
         const focusedUid = focused ? focused.dataset.uid : null;
