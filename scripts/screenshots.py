@@ -72,12 +72,11 @@ def main() -> int:
             page.wait_for_url("**/worklist")
             page.wait_for_timeout(500)
             page.screenshot(path=str(out / "worklist.png"))
-            banner = page.locator(".alert-critical").first
-            if studies[0]["priority"] == "critical":
-                banner.wait_for(timeout=10_000)
-                page.screenshot(
-                    path=str(out / "critical-banner.png"), clip={"x": 0, "y": 0, "width": 1280, "height": 300}
-                )
+            # A large subdural bleed arrives while the worklist is open: the banner rises.
+            send_large_bleed(Path(tmp) / "critical", server.ae_title, server.dicom_port)
+            page.locator(".alert-critical").first.wait_for(timeout=600_000)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(out / "critical-banner.png"), clip={"x": 0, "y": 0, "width": 1280, "height": 320})
             page.goto(f"/studies/{top}")
             page.wait_for_load_state("networkidle")
             page.screenshot(path=str(out / "study.png"))
