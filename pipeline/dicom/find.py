@@ -38,6 +38,7 @@ from typing import Any
 from pydicom.charset import convert_encodings, encode_string
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import PersonName
 from pynetdicom import evt
 from pynetdicom.sop_class import (
@@ -49,6 +50,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import Settings
 from pipeline.dicom.audit import audit_dimse
+from pipeline.dicom.fastsend import EncodedIdentifier, active, enable
+from pipeline.dicom.identifier import encode as fast_identifier
 from pipeline.dicom.peers import may
 from pipeline.dicom.status import (
     STATUS_CANCELLED,
@@ -163,6 +166,39 @@ def response_identifier(identifier: Dataset, query: Query, match: dict[str, Any]
     return rsp
 
 
+class ResponseEncoder:
+    """The pending responses of one request, encoded by :mod:`pipeline.dicom.identifier`
+    when the negotiated syntax is Explicit or Implicit VR Little Endian and every
+    requested key is plain text; else :func:`response_identifier`'s datasets."""
+
+    def __init__(self, identifier: Dataset, query: Query, retrieve_ae: str, transfer_syntax: str, fast: bool) -> None:
+        self.identifier, self.query, self.retrieve_ae = identifier, query, retrieve_ae
+        self.explicit = transfer_syntax == ExplicitVRLittleEndian
+        self.keys = [
+            (int(elem.tag), str(elem.VR), elem.keyword) for elem in identifier if elem.keyword not in _NOT_ECHOED
+        ]
+        self.fast = (
+            fast
+            and transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+            and all(vr != "SQ" for _, vr, _ in self.keys)
+        )
+        self.fixed = [(0x00080052, "CS", query.level.value), (0x00080054, "AE", retrieve_ae)]
+
+    def __call__(self, match: dict[str, Any]) -> Dataset:
+        if self.fast:
+            values = [
+                (tag, vr, "ONLINE" if keyword == "InstanceAvailability" else match.get(keyword))
+                for tag, vr, keyword in self.keys
+            ]
+            done = fast_identifier(self.fixed + values, match.get("SpecificCharacterSet") or "", explicit=self.explicit)
+            if done is not None:
+                return EncodedIdentifier(done[0], self.explicit, lambda: self._dataset(match))
+        return self._dataset(match)
+
+    def _dataset(self, match: dict[str, Any]) -> Dataset:
+        return response_identifier(self.identifier, self.query, match, self.retrieve_ae)
+
+
 def _describe(query: Query) -> str:
     asked = " ".join(f"{k}={v}" for k, v in query.keys.items() if v)
     returned = sum(1 for v in query.keys.values() if not v)
@@ -210,6 +246,7 @@ def handle_find(
             **outcome,
         )
 
+    enable(event.assoc)  # one prebuilt message per response (the receiver tuned the association)
     try:
         if not may(settings.dicom, calling, "query"):
             raise _Refused(STATUS_NOT_AUTHORISED, f"AE {calling} may not query: [[dicom.peers]] allow lacks 'query'")
@@ -222,12 +259,15 @@ def handle_find(
         uid = query.keys.get("StudyInstanceUID", "")
         study_uid = uid if uid and "\\" not in uid and "*" not in uid else ""
         validate(query)
+        encode = ResponseEncoder(
+            identifier, query, settings.dicom.ae_title, str(event.context.transfer_syntax), active(event.assoc)
+        )
         for match in find(session_factory, query):
             if event.is_cancelled:
                 finish(STATUS_CANCELLED)
                 yield STATUS_CANCELLED, None
                 return
-            yield STATUS_PENDING, response_identifier(identifier, query, match, settings.dicom.ae_title)
+            yield STATUS_PENDING, encode(match)
             sent += 1
     except _Refused as err:
         finish(err.status, str(err))

@@ -52,6 +52,7 @@ from sqlalchemy import select
 from pipeline.archive import Archive
 from pipeline.config import Settings
 from pipeline.dicom.audit import audit_dimse
+from pipeline.dicom.fastsend import enable
 from pipeline.dicom.peers import may, move_destination
 from pipeline.dicom.status import (
     STATUS_CANNOT_UNDERSTAND,
@@ -73,7 +74,7 @@ from pipeline.dicom.substore import (
     store_contexts,
 )
 from pipeline.dicom.syntaxes import TRANSFER_SYNTAXES
-from pipeline.dicom.tuning import advertised_pdu_size
+from pipeline.dicom.tuning import PduLimits, advertised_pdu_size
 from pipeline.index.db import session_scope
 from pipeline.index.query import UNIQUE_KEYS  # keyed by Level, a str enum: "STUDY" finds it
 from pipeline.index.schema import Instance, Patient, Series, Study
@@ -249,7 +250,9 @@ class _Retrieve:
             **{**self.outcome, **outcome},
         )
 
-    def suboperations(self, accepted: Callable[[], dict[str, set[str]]], left_out: set[str]) -> Iterator[Any]:
+    def suboperations(
+        self, accepted: Callable[[], dict[str, set[str]]], left_out: set[str], fast: Callable[[], bool]
+    ) -> Iterator[Any]:
         """pynetdicom's ``(status, dataset)`` yields, one per instance, stopping at C-CANCEL."""
         for m in self.matches:
             if self.event.is_cancelled:
@@ -264,7 +267,7 @@ class _Retrieve:
                 self.finish()
                 yield 0xFE00, failed_list(self.tally.failed(self.sent))
                 return
-            ds, problem = prepare(m, {} if m.SOPInstanceUID in left_out else accepted())
+            ds, problem = prepare(m, {} if m.SOPInstanceUID in left_out else accepted(), fast=fast())
             if m.SOPInstanceUID in left_out:
                 problem = "more SOP classes and transfer syntaxes than one association holds"
             if problem:
@@ -321,7 +324,14 @@ def handle_move(event: evt.Event, settings: Settings, archive: Archive) -> Itera
         yield status_dataset(err.status, err.comment), failed_list([])
         return
     contexts, left_out = store_contexts(job.matches)
-    store = StoreAssociation()
+    enable(event.assoc)  # the pending responses, one per sub-operation (the receiver tuned it)
+    # The limits the receiver reads within; our own maximum PDU is what responses may use.
+    limits = PduLimits(
+        max_pdu_size=settings.dicom.max_pdu_size,
+        pdu_timeout=settings.dicom.pdu_timeout_seconds,
+        establish_timeout=settings.dicom.association_timeout_seconds,
+    )
+    store = StoreAssociation(limits=limits)
     options = {
         "contexts": contexts,
         "max_pdu": advertised_pdu_size(settings.dicom.max_pdu_size),
@@ -334,7 +344,7 @@ def handle_move(event: evt.Event, settings: Settings, archive: Archive) -> Itera
         job.finish()
         return
     try:
-        yield from job.suboperations(store.accepted, left_out)
+        yield from job.suboperations(store.accepted, left_out, lambda: store.fast)
     finally:
         if not job.audited:  # the requestor went away mid-move
             job.finish(aborted=True)
@@ -356,12 +366,15 @@ def handle_get(event: evt.Event, settings: Settings, archive: Archive) -> Iterat
         job.finish()
         return
 
-    def accepted() -> dict[str, set[str]]:
-        return accepted_syntaxes(event.assoc.accepted_contexts, acceptor=True)
+    syntaxes = accepted_syntaxes(event.assoc.accepted_contexts, acceptor=True)  # fixed once accepted
 
+    def accepted() -> dict[str, set[str]]:
+        return syntaxes
+
+    fast = enable(event.assoc)  # the receiver tuned it at EVT_CONN_OPEN
     event.assoc.bind(evt.EVT_DIMSE_RECV, job.tally.on_dimse_recv)
     try:
-        yield from job.suboperations(accepted, set())
+        yield from job.suboperations(accepted, set(), lambda: fast)
     finally:
         event.assoc.unbind(evt.EVT_DIMSE_RECV, job.tally.on_dimse_recv)
         if not job.audited:

@@ -35,7 +35,9 @@ from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import code_to_category
 
+from pipeline.dicom.fastsend import StoredFile, enable
 from pipeline.dicom.syntaxes import UNCOMPRESSED, contexts_for
+from pipeline.dicom.tuning import PduLimits, tune_association
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +98,17 @@ def _unsendable(m: Match) -> Dataset:
     return ds
 
 
-def prepare(m: Match, accepted: dict[str, set[str]]) -> tuple[Dataset, str]:
+def prepare(m: Match, accepted: dict[str, set[str]], *, fast: bool = False) -> tuple[Dataset, str]:
     """The dataset to send for ``m`` over ``accepted``, and why it cannot go ("" if it can).
 
     The file's data elements are sent as stored (pydicom writes the values it read
-    back as they were); only decompression changes them.
+    back as they were); only decompression changes them. ``fast`` (the association has
+    :func:`pipeline.dicom.fastsend.enable`): an instance whose stored transfer syntax was
+    accepted is a :class:`~pipeline.dicom.fastsend.StoredFile`, sent as its bytes.
     """
     syntaxes = accepted.get(m.SOPClassUID, set())
+    if fast and m.TransferSyntaxUID in syntaxes:
+        return StoredFile(m.SOPClassUID, m.SOPInstanceUID, m.path, m.TransferSyntaxUID), ""
     try:
         ds = dcmread(m.path)
     except (OSError, InvalidDicomError, ValueError, EOFError) as err:
@@ -164,17 +170,24 @@ class StoreAssociation:
     """Holds the C-MOVE destination's association once pynetdicom has opened it."""
 
     assoc: object = None
+    limits: PduLimits | None = None
+    fast: bool = False  # its C-STOREs go by pipeline.dicom.fastsend
+    _accepted: dict[str, set[str]] | None = None
 
     def on_open(self, event: evt.Event) -> None:
-        """``EVT_CONN_OPEN`` handler of the sub-association: keep it, disable Nagle."""
+        """``EVT_CONN_OPEN`` handler of the sub-association: keep it, disable Nagle, tune
+        it as the receiver's associations are and send its C-STOREs the fast way."""
         self.assoc = event.assoc
         sock = event.assoc.dul.socket.socket
         if sock is not None:  # Nagle's algorithm costs ~40 ms per C-STORE round trip on loopback
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fast = tune_association(event.assoc, self.limits, requestor=True) and enable(event.assoc)
 
     def accepted(self) -> dict[str, set[str]]:
-        contexts = getattr(self.assoc, "accepted_contexts", [])
-        return accepted_syntaxes(contexts, acceptor=False)
+        """What the destination accepted (computed once: it cannot change)."""
+        if self._accepted is None and self.assoc is not None:
+            self._accepted = accepted_syntaxes(getattr(self.assoc, "accepted_contexts", []), acceptor=False)
+        return self._accepted or {}
 
 
 def failed_list(uids: list[str]) -> Dataset:

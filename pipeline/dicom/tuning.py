@@ -35,7 +35,8 @@ transfer syntax UID: with all storage SOP classes and 13 transfer syntaxes that 
 ~60 ms of CPU per association. Contexts hold only immutable UIDs, so a copy of each
 context object and of its list of transfer syntaxes is the same thing, 50x cheaper.
 
-This module is the only code that touches pynetdicom's internals. It was written
+This module and :mod:`pipeline.dicom.fastsend` (the sending side) are the only code that
+touches pynetdicom's internals. It was written
 against pynetdicom 3.0.4 (pinned exactly in pyproject.toml); with any other layout it
 leaves the association untouched and says so with a WARNING (once per process and
 tuning), so an upgrade that makes it ineffective is seen in the log, and
@@ -57,6 +58,7 @@ from typing import Any
 
 import pynetdicom
 import pynetdicom.association
+from pynetdicom import evt
 from pynetdicom.transport import AssociationSocket
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,7 @@ class _LowLatencySocket(AssociationSocket):
     _establish_by: float  # time.monotonic() deadline for the A-ASSOCIATE-AC
     _accepted: bool  # we sent the A-ASSOCIATE-AC: P-DATA may now be long
     _body_deadline: float | None  # set between a PDU's header and its body
+    send_lock: threading.Lock  # held while bytes are written
 
     @property
     def ready(self) -> bool:  # type: ignore[override]
@@ -156,8 +159,12 @@ class _LowLatencySocket(AssociationSocket):
             return False
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
+        # An event already queued (the DUL handles one per loop, after this check: on a
+        # new connection "connection open" and the A-ASSOCIATE-RQ's arrival) must not
+        # wait for the idle timeout: that alone was 10 ms per association.
+        wait = 0.0 if self.event_queue.queue else IDLE_WAIT_SECONDS
         try:
-            readable, _, _ = select.select([sock, self._wake_r], [], [], IDLE_WAIT_SECONDS)
+            readable, _, _ = select.select([sock, self._wake_r], [], [], wait)
         except (OSError, ValueError):
             self.event_queue.put("Evt17")  # transport connection closed
             return False
@@ -219,11 +226,20 @@ class _LowLatencySocket(AssociationSocket):
         return buffer
 
     def send(self, bytestream: bytes) -> None:
+        """``sendall``: no copy of the rest of the buffer per partial send (pynetdicom
+        slices it), which matters for the many-PDU buffers of :mod:`pipeline.dicom.fastsend`."""
         if not self._accepted and bytestream[:1] == _A_ASSOCIATE_AC:
             self._accepted = True
             if self._limits.pdu_timeout > self._limits.establish_timeout:
                 _set_timeouts(self.socket, self._limits.pdu_timeout)
-        super().send(bytestream)
+        sock: Any = self.socket
+        try:
+            with self.send_lock:  # whole PDUs, also against pipeline.dicom.fastsend's direct writes
+                sock.sendall(bytestream)
+        except Exception:  # noqa: BLE001 - as pynetdicom: any failure means the connection is gone
+            self.event_queue.put("Evt17")  # transport connection closed
+            return
+        evt.trigger(self.assoc, evt.EVT_DATA_SENT, {"data": bytestream})
 
     def _peer(self) -> str:
         info = getattr(self.assoc.requestor, "address_info", None)
@@ -333,9 +349,12 @@ def _set_timeouts(sock: Any, seconds: float) -> None:
         log.debug("cannot set socket timeouts: %s", err)
 
 
-def tune_association(assoc: Any, limits: PduLimits | None = None) -> bool:
+def tune_association(assoc: Any, limits: PduLimits | None = None, *, requestor: bool = False) -> bool:
     """Switch one association's DUL to blocking, wake-up driven waits, reading PDUs
-    within ``limits`` (default :class:`PduLimits`). ``True`` if done."""
+    within ``limits`` (default :class:`PduLimits`). ``True`` if done.
+
+    ``requestor``: we opened it (a C-MOVE destination): no establishment deadline of an
+    acceptor, and P-DATA up to the limit from the start."""
     dul = getattr(assoc, "dul", None)
     sock = getattr(dul, "socket", None)
     queue = getattr(dul, "to_provider_queue", None)
@@ -349,10 +368,11 @@ def tune_association(assoc: Any, limits: PduLimits | None = None) -> bool:
     sock._wake_r, sock._wake_w = wake_r, wake_w  # type: ignore[attr-defined]
     sock._limits = limits  # type: ignore[attr-defined]
     sock._establish_by = time.monotonic() + limits.establish_timeout  # type: ignore[attr-defined]
-    sock._accepted = False  # type: ignore[attr-defined]
+    sock._accepted = requestor  # type: ignore[attr-defined]
     sock._body_deadline = None  # type: ignore[attr-defined]
+    sock.send_lock = threading.Lock()  # type: ignore[attr-defined]
     sock.__class__ = _LowLatencySocket
-    _set_timeouts(sock.socket, min(limits.pdu_timeout, limits.establish_timeout))
+    _set_timeouts(sock.socket, limits.pdu_timeout if requestor else min(limits.pdu_timeout, limits.establish_timeout))
 
     def wake_dul() -> None:
         try:

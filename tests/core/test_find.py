@@ -290,3 +290,58 @@ def test_radtriage_audit_lists_the_queries_newest_first(server: Server, tmp_path
     assert "0xA900" in text.stdout and "keys below the STUDY level" in text.stdout
     nobody = subprocess.run([*cli[:-4], "--who", "NOBODY"], env=env, capture_output=True, text=True, timeout=60)
     assert nobody.stdout.strip() == "no audit records match"
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_fast_response_identifiers_are_the_bytes_pydicom_writes(explicit: bool) -> None:
+    """pipeline/dicom/identifier.py writes what pydicom would for the same response, and
+    leaves to pydicom what it does not write (sequences, numbers, code extensions)."""
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom.dsutils import encode
+
+    from pipeline.config import Settings
+    from pipeline.dicom.fastsend import EncodedIdentifier
+    from pipeline.dicom.find import ResponseEncoder, query_from_identifier
+    from pipeline.index.query import InformationModel
+
+    request = Dataset()
+    request.QueryRetrieveLevel = "STUDY"
+    for keyword in ("PatientName", "PatientID", "StudyDate", "StudyInstanceUID", "AccessionNumber"):
+        setattr(request, keyword, "")
+    request.ModalitiesInStudy = ""
+    request.NumberOfStudyRelatedInstances = ""
+    request.InstanceAvailability = ""
+    request.StudyDescription = ""
+    settings = Settings()
+    query = query_from_identifier(request, InformationModel.STUDY_ROOT, settings)
+    syntax = ExplicitVRLittleEndian if explicit else ImplicitVRLittleEndian
+    encoder = ResponseEncoder(request, query, "RADTRIAGE", syntax, fast=True)
+    base = {"PatientID": "P1", "StudyDate": "20240131", "StudyInstanceUID": "1.2.3.4.5", "AccessionNumber": None}
+    matches = [
+        {**base, "PatientName": "DOE^JOHN", "SpecificCharacterSet": "", "ModalitiesInStudy": ["CT", "SEG", "SR"]},
+        {**base, "PatientName": "MÜLLER^JÖRG", "SpecificCharacterSet": "ISO_IR 100", "StudyDescription": "Kopf"},
+        {**base, "PatientName": "Ωμέγα^Ζ", "SpecificCharacterSet": "ISO_IR 100"},  # renamed: UTF-8
+        {
+            **base,
+            "PatientName": "ヤマダ^タロウ",
+            "SpecificCharacterSet": "ISO_IR 192",
+            "NumberOfStudyRelatedInstances": 7,
+        },
+        {**base, "PatientName": "ODD^1", "SpecificCharacterSet": "ISO_IR 6", "ModalitiesInStudy": "MR"},
+    ]
+    for match in matches:
+        got = encoder(match)
+        assert isinstance(got, EncodedIdentifier), match
+        expected = encode(got.fallback(), not explicit, True)
+        assert got.encoded_identifier == expected, match["PatientName"]
+    # Code extensions (ISO 2022) and numbers are pydicom's to write.
+    assert not isinstance(
+        encoder({**base, "PatientName": "X", "SpecificCharacterSet": "\\ISO 2022 IR 87"}), EncodedIdentifier
+    )
+    with_sequence = Dataset()
+    with_sequence.QueryRetrieveLevel = "STUDY"
+    with_sequence.StudyInstanceUID = ""
+    with_sequence.ReferencedStudySequence = []
+    sq_query = query_from_identifier(with_sequence, InformationModel.STUDY_ROOT, settings)
+    sq_encoder = ResponseEncoder(with_sequence, sq_query, "RADTRIAGE", syntax, fast=True)
+    assert not isinstance(sq_encoder(base), EncodedIdentifier)

@@ -406,3 +406,68 @@ def test_orthanc_pulls_a_study_with_its_seg_and_sr_by_c_move(tmp_path: Path) -> 
     finally:
         server.shutdown()
         archive.engine.dispose()
+
+
+@pytest.mark.parametrize("max_pdu", ["4096", "131072"])
+def test_files_go_as_their_stored_bytes_within_the_destinations_maximum_pdu(
+    qr: QR, tmp_path: Path, max_pdu: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path (pipeline/dicom/fastsend.py) sends each file's own bytes, cut to the
+    PDU size storescp asks for; what storescp writes has the data elements that were sent."""
+    from pipeline.dicom import fastsend
+
+    sent_fast: list[str] = []
+    file_pdus = fastsend.file_pdus
+
+    def counting(context_id: int, command: bytes, stored: fastsend.StoredFile, peer_max: int) -> bytearray:
+        assert peer_max == int(max_pdu)
+        sent_fast.append(str(stored.SOPInstanceUID))
+        return file_pdus(context_id, command, stored, peer_max)
+
+    monkeypatch.setattr(fastsend, "file_pdus", counting)
+    out = tmp_path / "storescp"
+    out.mkdir()
+    scp = subprocess.Popen(
+        [require_tool("storescp"), "-aet", "STORESCP", "+xa", "-pdu", max_pdu, "-od", str(out), str(qr.store_port)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(qr.store_port)
+        keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": qr.study_uid}
+        result = _dcmtk("movescu", qr, None, keys, "-aet", "MOVESCU", "-aem", "STORESCP")
+        assert result.returncode == 0, _final(result)
+    finally:
+        scp.terminate()
+        scp.wait(10)
+    _check_arrived(qr, _received(out), set(qr.files), uncompressed=False)
+    assert sorted(sent_fast) == sorted(qr.files)  # compressed ones too: storescp +xa accepts them
+    # C-GET: getscu's storage SCP role, its own maximum PDU
+    sent_fast.clear()
+    monkeypatch.setattr(fastsend, "file_pdus", file_pdus)
+    result = _dcmtk("getscu", qr, tmp_path / "got", keys, "-aet", "GETSCU", "-pdu", max_pdu)
+    assert result.returncode == 0, _final(result)
+    _check_arrived(qr, _received(tmp_path / "got"), set(qr.files), uncompressed=True)
+
+
+def test_instances_that_need_decompression_take_the_normal_path(
+    qr: QR, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """getscu proposes uncompressed only: the JPEG-LS and RLE files are decompressed by the
+    normal path, the others go as stored, and pixels and elements arrive as the user expects."""
+    from pipeline.dicom import fastsend
+
+    sent_fast: list[str] = []
+    file_pdus = fastsend.file_pdus
+
+    def counting(context_id: int, command: bytes, stored: fastsend.StoredFile, peer_max: int) -> bytearray:
+        sent_fast.append(str(stored.SOPInstanceUID))
+        return file_pdus(context_id, command, stored, peer_max)
+
+    monkeypatch.setattr(fastsend, "file_pdus", counting)
+    keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": qr.study_uid}
+    result = _dcmtk("getscu", qr, tmp_path / "got", keys, "-aet", "GETSCU")
+    assert result.returncode == 0, _final(result)
+    _check_arrived(qr, _received(tmp_path / "got"), set(qr.files), uncompressed=True)
+    assert sorted(sent_fast) == sorted(set(qr.files) - set(qr.compressed))

@@ -92,3 +92,87 @@ def test_a_tuning_that_cannot_apply_warns_and_leaves_the_association(caplog: pyt
     assert any("'low-latency DUL' skipped" in m for m in warned), warned
     assert any("'cheap context copies' skipped" in m for m in warned), warned
     assert not tuning.is_tuned(unknown)
+
+
+# -- pipeline/dicom/fastsend.py: what it writes is what pynetdicom would, in fewer PDUs --
+
+
+def _pynetdicom_command(primitive: object) -> bytes:
+    from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE
+    from pynetdicom.dsutils import encode
+
+    table = _RQ_TO_MESSAGE if primitive.MessageIDBeingRespondedTo is None else _RSP_TO_MESSAGE  # type: ignore[attr-defined]
+    message = table[type(primitive)]()
+    message.primitive_to_message(primitive)
+    return bytes(encode(message.command_set, True, True))
+
+
+def test_hand_encoded_command_sets_are_byte_equal_to_pynetdicoms() -> None:
+    from io import BytesIO
+
+    from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
+
+    from pipeline.dicom import fastsend
+
+    cases: list[object] = []
+    for originator in ((None, None), ("MOVESCU", 7), ("ODD", 65535)):
+        rq = C_STORE()
+        rq.MessageID, rq.Priority = 3, 2
+        rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = CTImageStorage, "1.2.3.45"  # odd length: padded
+        rq.MoveOriginatorApplicationEntityTitle, rq.MoveOriginatorMessageID = originator
+        rq.DataSet = BytesIO(b"\x08\x00\x18\x00")
+        cases.append(rq)
+        assert fastsend.store_request(3, 2, CTImageStorage, "1.2.3.45", *originator) == _pynetdicom_command(rq)
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = 3, 0xB000
+    rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = CTImageStorage, "1.2.3.4"
+    cases.append(rsp)
+    for cls, identifier in ((C_FIND, BytesIO(b"\x08\x00\x52\x00")), (C_FIND, None), (C_GET, None), (C_MOVE, None)):
+        r = cls()
+        r.MessageIDBeingRespondedTo, r.Status = 1, 0xFF00
+        r.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+        r.Identifier = identifier
+        if cls is not C_FIND:
+            r.NumberOfRemainingSuboperations, r.NumberOfCompletedSuboperations = 299, 1
+            r.NumberOfFailedSuboperations, r.NumberOfWarningSuboperations = 0, 0
+        cases.append(r)
+    failed = C_FIND()
+    failed.MessageIDBeingRespondedTo, failed.Status, failed.ErrorComment = 1, 0xA900, "below the STUDY level"
+    failed.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+    cases.append(failed)
+    for primitive in cases:
+        encoded = fastsend.encode_command(primitive)
+        assert encoded is not None, primitive
+        assert encoded[0] == _pynetdicom_command(primitive), type(primitive).__name__
+    offending = C_FIND()
+    offending.MessageIDBeingRespondedTo, offending.Status, offending.OffendingElement = 1, 0xA900, [0x00100010]
+    assert fastsend.encode_command(offending) is None  # left to pynetdicom
+
+
+@pytest.mark.parametrize("max_pdu", [0, 4096, 4097, 16384, 131072])
+@pytest.mark.parametrize("length", [0, 1, 4083, 4084, 100_001])
+def test_prebuilt_pdus_decode_to_the_same_message_within_the_peers_maximum(max_pdu: int, length: int) -> None:
+    from pynetdicom.pdu import P_DATA_TF
+
+    from pipeline.dicom import fastsend
+
+    command = fastsend.store_request(1, 2, CTImageStorage, "1.2.3.4", None, None)
+    dataset = bytes(range(256)) * (length // 256) + bytes(length % 256)
+    buffer = bytes(fastsend.encode_pdus(5, command, dataset, max_pdu))
+    pos, parts = 0, {True: b"", False: b""}
+    controls = []
+    while pos < len(buffer):
+        pdu_length = int.from_bytes(buffer[pos + 2 : pos + 6], "big")
+        assert max_pdu == 0 or pdu_length <= max_pdu
+        pdu = P_DATA_TF()
+        pdu.decode(buffer[pos : pos + 6 + pdu_length])
+        (item,) = pdu.presentation_data_value_items  # one PDV per PDU
+        assert item.presentation_context_id == 5
+        control, fragment = item.presentation_data_value[0], item.presentation_data_value[1:]
+        controls.append(control)
+        parts[bool(control & 1)] += fragment
+        pos += 6 + pdu_length
+    assert parts[True] == command and parts[False] == dataset
+    assert controls[0] == 0x03 and (controls[-1] == 0x02 if dataset else len(controls) == 1)
+    assert all(c in (0x00, 0x02) for c in controls[1:])
+    assert fastsend.fragment_length(4097) % 2 == 0  # fragments even, whatever the peer's maximum
