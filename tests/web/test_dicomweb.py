@@ -203,9 +203,8 @@ def test_series_metadata_has_bulk_data_uris_and_is_cached(web: WebEnv, http: htt
     pixel = items[0]["7FE00010"]
     assert set(pixel) == {"vr", "BulkDataURI"}
     assert pixel["BulkDataURI"].startswith(web.url + "/dicom-web/studies/")
-    cached = list(
-        (web.settings.storage.data_dir / "cache" / "dicomweb-metadata" / web.bleed.SeriesInstanceUID).glob("*.json")
-    )
+    folder = web.settings.storage.data_dir / "cache" / "dicomweb-metadata" / web.bleed.SeriesInstanceUID
+    cached = [p for p in folder.glob("*.json") if not p.name.endswith(".frames.json")]
     assert len(cached) == 1
     assert http.get(url).json() == items
     # The bulk data URI gives the pixels back.
@@ -329,3 +328,24 @@ def test_our_dicom_json_is_pydicoms_without_the_bulk(web: WebEnv) -> None:
         for tag, value in reference.items():
             if not tag.endswith("0000") and "BulkDataURI" not in value and "InlineBinary" not in value:
                 assert ours[tag] == value, tag
+
+
+def test_frames_after_the_metadata_come_from_the_recorded_pixel_offsets(web: WebEnv, http: httpx.Client) -> None:
+    import json
+
+    study, series = web.routine.StudyInstanceUID, web.routine.SeriesInstanceUID
+    assert http.get(f"/studies/{study}/series/{series}/metadata").status_code == 200
+    folder = web.settings.storage.data_dir / "cache" / "dicomweb-metadata" / series
+    [sidecar] = folder.glob("*.frames.json")
+    locations = json.loads(sidecar.read_text())
+    assert set(locations) == set(web.routine.sop_uids)
+    for sop in (web.routine.sop_uids[0], web.routine.sop_uids[-1]):
+        r = http.get(f"/studies/{study}/series/{series}/instances/{sop}/frames/1", headers={"Accept": OHIF_FRAMES})
+        [(headers, content)] = parts_of(r)
+        assert content == pydicom.dcmread(web.archive.path_of(sop)).PixelData
+        assert headers["content-type"] == "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
+    # The recorded location answers only under the instance's own study and series.
+    sop = web.routine.sop_uids[0]
+    other = f"/studies/{web.bleed.StudyInstanceUID}/series/{series}/instances/{sop}/frames/1"
+    assert http.get(other, headers={"Accept": OHIF_FRAMES}).status_code == 404
+    assert http.get(f"/studies/{study}/series/{series}/instances/{sop}/frames/2").status_code == 404

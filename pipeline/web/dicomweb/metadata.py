@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 import threading
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BASE = "@radtriage-dicomweb-base@"
 CACHE_DIR = "cache/dicomweb-metadata"
+MAX_LOCATIONS = 200_000  # ~40 MB: the frames of a few hundred open series
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,64 @@ def stored_instances(
     return [StoredInstance(*row[:5], data_dir / row[5]) for row in session.execute(stmt)]
 
 
-def instance_json(instance: StoredInstance, base: str = BASE) -> dict[str, Any]:
-    """One instance's metadata (its file read up to the pixel data)."""
+@dataclass(frozen=True)
+class FrameLocation:
+    """Where an instance's native (uncompressed, little-endian) pixel data lies in its file,
+    so a frame is one ``pread``: no index query, no header parse (OHIF asks for each
+    frame separately, right after the series metadata that records these)."""
+
+    StudyInstanceUID: str
+    SeriesInstanceUID: str
+    path: str
+    offset: int
+    length: int
+    frame_bytes: int
+    frames: int
+
+
+_PIXEL_TAG = b"\xe0\x7f\x10\x00"
+
+
+def _pixel_location(f: Any, ds: pydicom.Dataset, instance: StoredInstance) -> FrameLocation | None:
+    """The native pixel data right after ``f``'s position (where ``stop_before_pixels``
+    stopped), or ``None`` when the fast path does not apply."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax not in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2"):
+        return None  # compressed, deflated or big endian: pydicom's path
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if bits not in (8, 16, 32) or "Rows" not in ds or "Columns" not in ds:
+        return None  # 1-bit SEG frames are not byte-aligned
+    start = f.tell()
+    head = f.read(12)
+    if head[:4] != _PIXEL_TAG:
+        return None
+    if syntax == "1.2.840.10008.1.2":
+        (length,), offset = struct.unpack("<I", head[4:8]), start + 8
+    elif head[4:6] in (b"OB", b"OW"):
+        (length,), offset = struct.unpack("<I", head[8:12]), start + 12
+    else:
+        return None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frame_bytes = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * bits // 8
+    if length == 0xFFFFFFFF or frame_bytes * frames > length:
+        return None
+    return FrameLocation(
+        instance.StudyInstanceUID, instance.SeriesInstanceUID, str(instance.path), offset, length, frame_bytes, frames
+    )
+
+
+def instance_json(
+    instance: StoredInstance, base: str = BASE, locations: dict[str, FrameLocation] | None = None
+) -> dict[str, Any]:
+    """One instance's metadata (its file read up to the pixel data); with ``locations``,
+    also where its native pixel data lies."""
     with instance.path.open("rb") as f:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         has_pixels = f.tell() < os.fstat(f.fileno()).st_size and "Rows" in ds
+        if has_pixels and locations is not None:
+            where = _pixel_location(f, ds, instance)
+            if where is not None:
+                locations[instance.SOPInstanceUID] = where
     prefix = f"{base}{instance.url}/bulkdata/"
     return dataset_json(ds, lambda path: prefix + path, has_pixel_data=has_pixels)
 
@@ -92,6 +148,19 @@ class MetadataCache:
         self.data_dir = data_dir
         self.folder = data_dir / CACHE_DIR
         self.session_factory = session_factory
+        self._locations: OrderedDict[str, FrameLocation] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def frame_location(self, sop_instance_uid: str) -> FrameLocation | None:
+        """Where the instance's native pixels lie, if its series' metadata was built or read."""
+        with self._lock:
+            return self._locations.get(sop_instance_uid)
+
+    def _remember(self, locations: dict[str, FrameLocation]) -> None:
+        with self._lock:
+            self._locations.update(locations)
+            while len(self._locations) > MAX_LOCATIONS:
+                self._locations.popitem(last=False)
 
     def series(self, study_uid: str, series_uid: str) -> bytes | None:
         """The series' metadata as a JSON array with :data:`BASE` placeholders; ``None``
@@ -109,13 +178,22 @@ class MetadataCache:
             cached = self.folder / series_uid / f"{count}-{newest}.json"
             if not cached.exists():
                 instances = stored_instances(session, self.data_dir, study_uid, series_uid)
+        sidecar = cached.with_suffix(".frames.json")
         if instances is None:
             try:
-                return cached.read_bytes()
+                body = cached.read_bytes()
             except FileNotFoundError:  # replaced between the check and the read
                 return self.series(study_uid, series_uid)
-        body = json.dumps([instance_json(i) for i in instances], separators=(",", ":")).encode()
+            try:
+                self._remember({k: FrameLocation(**v) for k, v in json.loads(sidecar.read_bytes()).items()})
+            except (FileNotFoundError, ValueError, TypeError):
+                pass  # frames then take pydicom's path
+            return body
+        locations: dict[str, FrameLocation] = {}
+        body = json.dumps([instance_json(i, locations=locations) for i in instances], separators=(",", ":")).encode()
+        self._write(sidecar, json.dumps({k: asdict(v) for k, v in locations.items()}).encode())
         self._write(cached, body)
+        self._remember(locations)
         return body
 
     def _write(self, cached: Path, body: bytes) -> None:
@@ -124,7 +202,7 @@ class MetadataCache:
         tmp.write_bytes(body)
         os.replace(tmp, cached)  # readers see the old file or the whole new one
         for old in cached.parent.glob("*.json"):
-            if old != cached:
+            if not old.name.startswith(cached.name.split(".")[0] + "."):
                 old.unlink(missing_ok=True)
 
 
