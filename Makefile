@@ -48,7 +48,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup
-	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/ingest.py --senders 1
+	$(BIN)/python benchmarks/ingest.py --senders 4
 	$(BIN)/python benchmarks/time_to_triage.py
 
 # After changing dependencies in pyproject.toml: pin what the tests passed with.

@@ -1,9 +1,14 @@
-"""Ingest benchmark: the same synthetic CT slices sent by dcmtk ``storescu`` (one
-association, TCP_NODELAY=1) to radtriage, Orthanc and dcmtk ``storescp``.
+"""Ingest benchmark: the same synthetic CT slices sent by dcmtk ``storescu``
+(TCP_NODELAY=1) to radtriage, Orthanc and dcmtk ``storescp``, from one association
+(``--senders 1``) or from several at once (``--senders 4``: one storescu per study,
+distinct studies, the images split evenly among them).
 
 * radtriage: ``radtriage serve`` as its own process (receiver, archive, index, sweep,
   forwarder, web app; triage off, so no Prefect server competes for the CPUs); fsync of
-  every file and of its folder before Success.
+  every file and of its folder before Success. Twice: ``radtriage`` with ``[dicom]
+  workers = "auto"`` (one receiver process per core) and ``radtriage-w1`` with one
+  process. Its CPU seconds per image (server and receiver processes, user + system,
+  while the senders run) are printed too.
 * Orthanc (Debian package): ``SyncStorageArea`` on (fsync), no compression, no plugins.
 * storescp: ``+B`` (bytes written as received); it never fsyncs: the upper bound.
 
@@ -12,7 +17,8 @@ storage. Orthanc 1.10 cannot bind to loopback only, so when run as root the whol
 benchmark re-executes itself in a private network namespace (``unshare --net``) where
 only ``lo`` exists; otherwise all traffic still goes to 127.0.0.1 only.
 
-Usage: ``python benchmarks/ingest.py [--images 320] [--runs 3]`` (``make bench``).
+Usage: ``python benchmarks/ingest.py [--senders 1] [--images 320] [--runs 3]`` (``make bench``
+runs ``--senders 1`` and ``--senders 4``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,12 +82,16 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def start_radtriage(storage: Path, port: int, web_port: int = 0) -> subprocess.Popen[bytes]:
+def start_radtriage(
+    storage: Path, port: int, web_port: int = 0, workers: int | str = "auto"
+) -> subprocess.Popen[bytes]:
     """``radtriage serve`` on ``storage`` (config in ``radtriage.toml`` there), its web app on
-    ``web_port`` (0: any free port; ``benchmarks/dicomweb.py`` gives its own)."""
+    ``web_port`` (0: any free port; ``benchmarks/dicomweb.py`` gives its own), with
+    ``[dicom] workers`` receiver processes."""
     cfg = storage / "radtriage.toml"
     cfg.write_text(
         f'[dicom]\nae_title = "RADTRIAGE"\nbind = "{HOST}"\nport = {port}\nallowed_aes = ["*"]\n'
+        f"workers = {json.dumps(workers)}\n"
         f'[storage]\ndata_dir = "{storage / "data"}"\nfsync = true\n'
         f"[triage]\nenabled = false\nstable_age_seconds = 3600\n"  # ingest only: no Prefect server
         f'[web]\nbind = "{HOST}"\nport = {web_port or free_port()}\n'
@@ -144,74 +155,133 @@ def count_files(folder: Path, suffix: str = "") -> int:
 
 TARGETS: dict[str, tuple[str, Callable[[Path, int], subprocess.Popen[bytes]], Callable[[Path], int]]] = {
     "radtriage": ("RADTRIAGE", start_radtriage, lambda s: count_files(s / "data" / "files", ".dcm")),
-    "orthanc": ("ORTHANC", start_orthanc, lambda s: count_files(s / "db") - 1),  # minus the SQLite index
+    "radtriage-w1": (
+        "RADTRIAGE",
+        lambda storage, port: start_radtriage(storage, port, workers=1),
+        lambda s: count_files(s / "data" / "files", ".dcm"),
+    ),
+    # Orthanc: its files are named by 36-character ids; the SQLite index lies beside them.
+    "orthanc": ("ORTHANC", start_orthanc, lambda s: sum(1 for p in (s / "db").rglob("*") if len(p.name) == 36)),
     "storescp": ("STORESCP", start_storescp, lambda s: count_files(s / "out")),
 }
 
 
-def one_run(name: str, images: Path, n: int, workdir: Path) -> float:
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its children so far (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        # after the command: state ppid ... utime (14th field of stat) is fields[11]
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+@dataclass
+class RunResult:
+    images_per_second: float
+    cpu_per_image: float | None  # radtriage only
+
+
+def one_run(name: str, folders: list[Path], n: int, workdir: Path) -> RunResult:
+    """Start ``name`` on fresh storage, send every folder with its own storescu at once."""
     aec, start, counter = TARGETS[name]
     storage = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
     port = free_port()
     proc = start(storage, port)
+    cpu = None
     try:
         wait_echo(port, aec, proc)
-        if name == "radtriage":  # the receiver answers first; wait until every component is up
+        if name.startswith("radtriage"):  # the receiver answers first; wait until every component is up
             wait_log(storage / "log.txt", "radtriage running", proc)
+        cpu0 = tree_cpu_seconds(proc.pid)
         t0 = time.perf_counter()
-        sent = subprocess.run(
-            ["storescu", "-aet", "STORESCU", "-aec", aec, "--scan-directories", HOST, str(port), str(images)],
-            env=ENV,
-            capture_output=True,
-            text=True,
-        )
+        senders = [
+            subprocess.Popen(
+                ["storescu", "-aet", "STORESCU", "-aec", aec, "--scan-directories", HOST, str(port), str(folder)],
+                env=ENV,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for folder in folders
+        ]
+        failed = [(s.wait(), s.stderr.read() if s.stderr else "") for s in senders]
         elapsed = time.perf_counter() - t0
-        if sent.returncode != 0:
-            raise RuntimeError(f"storescu to {name} failed: {sent.stderr[-400:]}")
+        if name.startswith("radtriage"):
+            cpu = (tree_cpu_seconds(proc.pid) - cpu0) / n
+        bad = [err for code, err in failed if code != 0]
+        if bad:
+            raise RuntimeError(f"storescu to {name} failed: {bad[0][-400:]}")
     finally:
         stop(proc)
     stored = counter(storage)
-    if name == "orthanc":
-        stored = len([p for p in (storage / "db").rglob("*") if p.is_file() and len(p.name) == 36])
     if stored != n:
         raise RuntimeError(f"{name} stored {stored} of {n} images (see {storage}/log.txt)")
     shutil.rmtree(storage, ignore_errors=True)
-    return n / elapsed
+    return RunResult(n / elapsed, cpu)
+
+
+def make_studies(folder: Path, images: int, senders: int) -> list[Path]:
+    """``senders`` distinct studies (own seed, own UIDs) of ``images // senders`` slices each."""
+    from pipeline.lab.synth import synth_study
+
+    per = images // senders
+    folders = [folder / f"study{i + 1}" for i in range(senders)]
+    for i, out in enumerate(folders):
+        synth_study(out, seed=2024 + i, slices=per)
+    return folders
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     maybe_enter_netns(__file__, argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=320, help="512x512 CT slices per run (default 320)")
+    parser.add_argument("--images", type=int, default=320, help="512x512 CT slices per run, in all (default 320)")
+    parser.add_argument("--senders", type=int, default=1, help="storescu associations at once, one study each")
     parser.add_argument("--runs", type=int, default=3, help="runs per target, interleaved (default 3)")
-    parser.add_argument("--targets", default="radtriage,orthanc,storescp")
+    parser.add_argument("--targets", default="radtriage,radtriage-w1,orthanc,storescp")
     parser.add_argument("--no-netns", action="store_true", help="do not enter a private network namespace")
     args = parser.parse_args(argv)
-    from pipeline.lab.synth import synth_study
-
     targets = args.targets.split(",")
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown or args.senders < 1:
+        parser.error(f"unknown target(s) {', '.join(unknown)}" if unknown else "--senders must be at least 1")
     with tempfile.TemporaryDirectory(prefix="radtriage-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
         work = Path(tmp)
-        images = work / "images"
-        synth_study(images, seed=2024, slices=args.images)
-        mb = sum(p.stat().st_size for p in images.iterdir()) / 1e6
+        folders = make_studies(work / "images", args.images, args.senders)
+        n = sum(1 for f in folders for _ in f.iterdir())
+        mb = sum(p.stat().st_size for f in folders for p in f.iterdir()) / 1e6
+        load = os.getloadavg()[0]
         print(
-            f"{args.images} CT images 512x512 ({mb:.0f} MB), storescu one association, TCP_NODELAY=1, "
-            f"{args.runs} interleaved runs, netns={'yes' if os.environ.get('RADTRIAGE_BENCH_NETNS') else 'no'}"
+            f"{n} CT images 512x512 ({mb:.0f} MB), {args.senders} storescu association(s) at once "
+            f"(distinct studies), TCP_NODELAY=1, {args.runs} interleaved runs, "
+            f"netns={'yes' if os.environ.get('RADTRIAGE_BENCH_NETNS') else 'no'}, "
+            f"{os.cpu_count()} cores, load average {load:.1f} at start"
         )
-        results: dict[str, list[float]] = {t: [] for t in targets}
+        results: dict[str, list[RunResult]] = {t: [] for t in targets}
         for run in range(args.runs):
             for name in targets:
-                rate = one_run(name, images, args.images, work)
-                results[name].append(rate)
-                print(f"run {run + 1} {name:<10} {rate:8.1f} images/s", flush=True)
-    med = {t: statistics.median(v) for t, v in results.items()}
-    print("\nmedian images/s: " + ", ".join(f"{t} {m:.1f}" for t, m in med.items()))
-    if "radtriage" in med:
+                result = one_run(name, folders, n, work)
+                results[name].append(result)
+                cpu = f"  {result.cpu_per_image * 1000:6.2f} ms CPU/image" if result.cpu_per_image is not None else ""
+                print(f"run {run + 1} {name:<13} {result.images_per_second:8.1f} images/s{cpu}", flush=True)
+    med = {t: statistics.median(r.images_per_second for r in v) for t, v in results.items()}
+    print(f"\nsenders {args.senders}, median of {args.runs} runs (load average {os.getloadavg()[0]:.1f} at end):")
+    for name, rate in med.items():
+        cpus = [r.cpu_per_image for r in results[name] if r.cpu_per_image is not None]
+        cpu = f"  {statistics.median(cpus) * 1000:6.2f} ms CPU/image" if cpus else ""
+        print(f"  {name:<13} {rate:8.1f} images/s{cpu}")
+    for mine in ("radtriage", "radtriage-w1"):
         for other in ("orthanc", "storescp"):
-            if other in med:
-                print(f"radtriage/{other} = {med['radtriage'] / med[other]:.2f}")
+            if mine in med and other in med:
+                print(f"{mine}/{other} = {med[mine] / med[other]:.2f}")
     return 0
 
 

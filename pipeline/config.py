@@ -80,6 +80,8 @@ class DicomSettings(_Section):
     pdu_timeout_seconds: float = Field(30.0, gt=0)
     max_associations: int = Field(64, ge=1)
     max_associations_per_address: int = Field(16, ge=1)
+    # Receiver processes accepting on the port: "auto" is one per CPU core, 1 is one process.
+    workers: int | Literal["auto"] = "auto"
     # Known DICOM nodes and what each may do (query, retrieve, be a C-MOVE destination).
     peers: list[DicomPeer] = Field(default_factory=list)
     # C-FIND: PatientName/ReferringPhysicianName match case-sensitively (PS3.4 C.2.2.2.1).
@@ -105,6 +107,25 @@ class DicomSettings(_Section):
         if twice:
             raise ValueError(f"AE title(s) {', '.join(twice)} listed more than once; give each peer one entry")
         return value
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: object) -> int | str:
+        if value == "auto":
+            return value
+        text = str(value).strip()
+        if isinstance(value, bool) or not text.isdigit() or not 1 <= int(text) <= 256:
+            raise ValueError(f'{value!r}: give "auto" (one receiver process per CPU core) or a number from 1 to 256')
+        return int(text)
+
+    @property
+    def worker_processes(self) -> int:
+        """How many receiver processes ``workers`` means here ("auto": the CPU cores this
+        process may run on)."""
+        if self.workers != "auto":
+            return self.workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, cores or 1)
 
     @property
     def called_ae_titles(self) -> list[str]:
@@ -214,6 +235,15 @@ class TriageSettings(_Section):
     # The Prefect work pool of the triage-study deployment; one work queue per urgency
     # (critical, urgent, routine, in that priority). As in prefect.yaml.
     work_pool: str = Field("radtriage", min_length=1, max_length=100)
+    # serve only: run triage flow runs in this process too. false on a front node whose
+    # flow runs are all executed by `radtriage worker` processes on other machines.
+    local_worker: bool = True
+    # How this process's worker is named in Prefect (its heartbeats, and the label
+    # radtriage.worker on every flow run it executes); empty: <hostname>-<pid>.
+    worker_name: str = Field("", max_length=100)
+    # Seconds between the worker's heartbeats to the work pool. The dispatching node
+    # takes a worker that missed 3 of them as dead and dispatches its runs again.
+    worker_heartbeat_seconds: int = Field(10, ge=1)
     # The AI queue's order (see QueueRule); then oldest first.
     priority_rules: list[QueueRule] = Field(default_factory=_default_queue_rules)
 

@@ -176,6 +176,9 @@ class Archive:
         self._writer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="archive-write")
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
+        # Starts every temp file's name: a receiver process sets its own, so that its
+        # supervisor can remove exactly its files in incoming/ after it crashed.
+        self.temp_prefix = ""
 
     # ---- public API -------------------------------------------------------------
     def store_encoded(
@@ -395,7 +398,7 @@ class Archive:
     ) -> tuple[Path, int]:
         """Write ``parts`` (then the file ``copy_from[0]`` from byte ``copy_from[1]``) to a
         fsynced temp file in ``incoming/``; return it and its size."""
-        tmp = self.incoming_dir / f"{uuid.uuid4().hex}{TMP_SUFFIX}"
+        tmp = self.incoming_dir / f"{self.temp_prefix}{uuid.uuid4().hex}{TMP_SUFFIX}"
         try:
             size = 0
             with open(tmp, "xb") as fh:

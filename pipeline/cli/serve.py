@@ -17,12 +17,14 @@ from pipeline.process.runner import ProcessRunner
 def build_serve(settings: Settings) -> ProcessRunner:
     """Migrate the index, recover the archive, and wire every component of ``serve``.
 
-    Start order: receiver, stability sweep, forwarder, web app, then (when triage is
-    enabled) the embedded Prefect server and the triage orchestration (deployment,
-    dispatcher, in-process worker). The receiver never waits for Prefect.
+    Start order: receiver (``[dicom] workers`` processes, :mod:`pipeline.dicom.workers`),
+    stability sweep, forwarder, web app, then (when triage is enabled) the embedded Prefect
+    server and the triage orchestration (deployment, dispatcher, in-process worker). The
+    receiver never waits for Prefect.
     """
     from pipeline.archive.permissions import secure_data_dir
     from pipeline.dicom.receiver import DicomReceiver
+    from pipeline.dicom.workers import ReceiverPool
     from pipeline.forward import Forwarder
     from pipeline.triage.runtime import Runtime
     from pipeline.triage.stability import StabilitySweeper
@@ -36,8 +38,15 @@ def build_serve(settings: Settings) -> ProcessRunner:
     triage = settings.triage
     sweeper = StabilitySweeper(runtime.session_factory, triage.stable_age_seconds, triage.sweep_interval_seconds)
     forwarder = Forwarder(settings, runtime.archive, runtime.session_factory)
+    # [dicom] workers > 1: the receiver alone runs in that many child processes, started
+    # after recover() above; everything else stays here and learns of new instances from
+    # the index (the sweep polls it).
+    processes = settings.dicom.worker_processes
+    receiver: Component = (
+        DicomReceiver(settings, runtime.archive) if processes == 1 else ReceiverPool(settings, processes)
+    )
     components: list[Component] = [
-        DicomReceiver(settings, runtime.archive),
+        receiver,
         sweeper,
         forwarder,
         WebServer(settings, runtime.session_factory, runtime.archive),

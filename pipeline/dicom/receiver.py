@@ -18,6 +18,10 @@ Status     Meaning
 C-FIND (Patient Root and Study Root) is answered by :mod:`pipeline.dicom.find`;
 C-MOVE and C-GET come from :mod:`pipeline.dicom.retrieve` (its contexts and handlers are added here).
 
+With ``[dicom] workers`` above 1, ``radtriage serve`` runs this receiver in that many
+processes accepting on one shared listening socket (:mod:`pipeline.dicom.workers`);
+each process applies everything below itself.
+
 Who may do what is ``[dicom] allowed_aes`` (store) and ``[[dicom.peers]]`` (store,
 query, retrieve): an association from an AE title with none of these rights, or that
 proposes only services it may not use (a C-FIND from an AE without ``query``), is
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import ssl
 import threading
 import time
@@ -325,29 +330,72 @@ def handlers(settings: Settings, archive: Archive) -> list[Any]:
     ]
 
 
-def start_receiver(settings: Settings, archive: Archive, *, ae: AE | None = None) -> ThreadedAssociationServer:
+class SharedSocketServer(ThreadedAssociationServer):
+    """An association server that accepts on a listening socket it is handed, shared with
+    the other receiver processes (:mod:`pipeline.dicom.workers`), instead of binding one.
+
+    The socket is non-blocking: each process wakes for a new connection, one ``accept``
+    wins, the others get EAGAIN (which socketserver ignores). It is never ``shutdown()``:
+    that would stop the other processes' listening too.
+    """
+
+    listen_socket: socket.socket  # set on the subclass :func:`start_receiver` makes
+
+    def server_bind(self) -> None:
+        self.socket.close()  # the fresh one socketserver made
+        self.socket = self.listen_socket
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Nothing: the process that bound the socket called ``listen``."""
+
+    def server_close(self) -> None:
+        self.socket.close()
+
+    def shutdown(self) -> None:
+        socketserver.BaseServer.shutdown(self)  # not AE._servers: start_server never added it
+        self.server_close()
+
+
+def start_receiver(
+    settings: Settings, archive: Archive, *, ae: AE | None = None, listen_socket: socket.socket | None = None
+) -> ThreadedAssociationServer:
     """Start listening on ``[dicom] bind:port`` without blocking; return the server.
 
     Port 0 binds a free port; read it from ``server.server_address[1]``. Stop with
-    ``server.shutdown()``.
+    ``server.shutdown()``. With ``listen_socket`` (bound and listening), accept on it
+    instead: one of several receiver processes sharing the port.
     """
     ae = ae or build_ae(settings, archive)
-    server = ae.start_server(
-        (settings.dicom.bind, settings.dicom.port),
-        block=False,
-        evt_handlers=handlers(settings, archive),
-        ssl_context=ssl_context(settings),
-    )
+    if listen_socket is None:
+        server = ae.start_server(
+            (settings.dicom.bind, settings.dicom.port),
+            block=False,
+            evt_handlers=handlers(settings, archive),
+            ssl_context=ssl_context(settings),
+        )
+    else:
+        shared = type("SharedSocketServer", (SharedSocketServer,), {"listen_socket": listen_socket})
+        server = ae.make_server(
+            listen_socket.getsockname()[:2],
+            evt_handlers=handlers(settings, archive),
+            ssl_context=ssl_context(settings),
+            server_class=shared,
+        )
+        threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
     gate = ConnectionGate(settings.dicom.max_associations_per_address, settings.dicom.max_associations)
     server.verify_request = gate.verify_request  # type: ignore[method-assign]
     cheap_context_copies(server)
     host, port = server.server_address[:2]
     log.info(
-        "DICOM receiver %s listening on %s:%d%s",
+        "DICOM receiver %s %s %s:%d%s%s",
         settings.dicom.ae_title,
+        "listening on" if listen_socket is None else "accepting on",
         host,
         port,
         " (TLS)" if settings.dicom.tls.enabled else "",
+        "" if listen_socket is None else ", a socket shared with the other receiver processes",
     )
     return server
 
