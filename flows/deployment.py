@@ -54,11 +54,16 @@ def register_deployment(work_pool: str = "radtriage") -> UUID:
 
 
 def ensure_inference_limit(slots: int = 1) -> str:
-    """Create (or resize) this worker's inference concurrency limit; return its name."""
+    """Create (or resize) this worker's inference concurrency limit; return its name.
+
+    Its occupied slots are reset: the limit is this host's worker's alone, and a worker
+    killed inside an inference (``kill -9``) never released its slot, which would
+    otherwise block the restarted worker's every inference.
+    """
     name = inference_limit_name()
     with get_client(sync_client=True) as client:
         try:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
         except ObjectAlreadyExists:
-            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=slots))
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=slots, active_slots=0))
     return name

@@ -16,7 +16,9 @@ an upgrade makes any of them ineffective.
 
 The rest is the public client API, kept here because the worker and the deployment
 share it: :func:`claim_flow_run` (the Pending transition, which Prefect's orchestration
-rules grant to one claimant only), :func:`apply_deployment`, :func:`ensure_work_queues`
+rules grant to one claimant only), :func:`label_flow_run` and
+:func:`send_worker_heartbeat` (which worker runs what, and that it is alive),
+:func:`apply_deployment`, :func:`ensure_work_queues`
 (the work pool with one queue per urgency, in priority order) and
 :func:`scheduled_flow_runs` (what a Prefect worker polling the pool is handed: the
 queue with the highest priority first, then the oldest run).
@@ -109,6 +111,16 @@ def claim_flow_run(client: SyncPrefectClient, flow_run_id: UUID) -> bool:
     """Move a scheduled flow run to Pending; ``False`` when another worker got it first."""
     result = client.set_flow_run_state(flow_run_id, Pending())
     return result.status == SetStateStatus.ACCEPT
+
+
+def label_flow_run(client: SyncPrefectClient, flow_run_id: UUID, labels: dict[str, str]) -> None:
+    """Add ``labels`` to a flow run (the UI and API show them; e.g. which worker ran it)."""
+    client.update_flow_run_labels(flow_run_id, labels)
+
+
+def send_worker_heartbeat(client: SyncPrefectClient, work_pool_name: str, worker_name: str, interval: int) -> None:
+    """Tell the work pool that ``worker_name`` is alive and will say so every ``interval`` s."""
+    client.send_worker_heartbeat(work_pool_name, worker_name, heartbeat_interval_seconds=interval)
 
 
 def run_flow_run(flow: Flow[..., Any], flow_run: FlowRun) -> State[Any]:

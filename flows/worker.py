@@ -12,19 +12,28 @@ It claims a run only when one of this process's inference slots is free for it
 queues, where an urgent study arriving later still overtakes them. A flow's other steps
 overlap with the next run's inference. It is what ``radtriage serve`` and ``radtriage
 worker`` start.
+
+Each worker has a name (``[triage] worker_name``), heartbeats to the work pool under it
+and labels every run it claims ``radtriage.worker=<name>``: the flow runs say which
+worker ran them, and the dispatching node can tell a run whose worker died
+(:func:`pipeline.triage.dispatch.recover_from_dead_workers`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
 
-from flows.engine import claim_flow_run, run_flow_run, scheduled_flow_runs
+from flows.engine import claim_flow_run, label_flow_run, run_flow_run, scheduled_flow_runs, send_worker_heartbeat
 from flows.triage import triage_study
 from pipeline.process.component import PollLoop
+from pipeline.triage.dispatch import WORKER_LABEL
 from pipeline.triage.gate import InferenceGate
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,11 @@ class InProcessWorker(PollLoop):
     poll_interval
         Seconds between polls when not woken by :meth:`wake` (a dispatch, a freed slot,
         a finished run).
+    name
+        This worker in Prefect (heartbeats, the ``radtriage.worker`` label of its runs);
+        empty: ``<hostname>-<pid>``.
+    heartbeat_seconds
+        Seconds between heartbeats to the work pool (sent from the polling thread).
     """
 
     name = "in-process triage worker"
@@ -61,8 +75,13 @@ class InProcessWorker(PollLoop):
         gate: InferenceGate | None = None,
         max_parallel: int = 2,
         poll_interval: float = 2.0,
+        name: str = "",
+        heartbeat_seconds: int = 10,
     ) -> None:
-        super().__init__(poll_interval)
+        super().__init__(min(poll_interval, heartbeat_seconds))
+        self.worker_name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.heartbeat_seconds = heartbeat_seconds
+        self._last_heartbeat = float("-inf")
         self.deployment_id = deployment_id
         self.work_pool = work_pool
         self.gate = gate
@@ -81,7 +100,16 @@ class InProcessWorker(PollLoop):
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def run_once(self) -> None:
+        self.heartbeat()
         self.poll_once()
+
+    def heartbeat(self) -> None:
+        """Tell the work pool this worker is alive, when one is due."""
+        if time.monotonic() - self._last_heartbeat < self.heartbeat_seconds / 2:
+            return
+        with get_client(sync_client=True) as client:
+            send_worker_heartbeat(client, self.work_pool, self.worker_name, self.heartbeat_seconds)
+        self._last_heartbeat = time.monotonic()
 
     def round_failed(self, err: Exception) -> None:
         # The API down is expected during restarts: one line, the traceback only in debug.
@@ -109,7 +137,16 @@ class InProcessWorker(PollLoop):
                     if self.gate is not None:
                         self.gate.cancel(key)
                     continue  # another worker claimed it
-                log.info("running flow run %s for %s", flow_run.name, flow_run.parameters.get("study_uid"))
+                try:
+                    label_flow_run(client, flow_run.id, {WORKER_LABEL: self.worker_name})
+                except Exception as err:  # noqa: BLE001 - the run is ours: run it unlabelled
+                    log.warning("cannot label flow run %s with its worker (%s)", flow_run.name, err)
+                log.info(
+                    "worker %s running flow run %s for %s",
+                    self.worker_name,
+                    flow_run.name,
+                    flow_run.parameters.get("study_uid"),
+                )
                 future = self._pool.submit(self._execute, flow_run)
                 self._running[flow_run.id] = future
                 future.add_done_callback(lambda _f, key=key: self._finished(key))

@@ -55,6 +55,10 @@ DEPLOYMENT = f"{FLOW_NAME}/{DEPLOYMENT_NAME}"
 # then the oldest. radtriage's worker and `prefect worker start --pool` both do.
 WORK_QUEUES: tuple[str, ...] = tuple(p.value for p in sorted(Priority, key=lambda p: -p.rank))
 DEFAULT_WORK_QUEUE = Priority.ROUTINE.value
+# The flow-run label naming the worker that claimed a run (its heartbeat name in the pool).
+WORKER_LABEL = "radtriage.worker"
+# A worker that missed this many heartbeats is dead (as Prefect's own foreman counts).
+MISSED_HEARTBEATS = 3
 
 
 def work_queue_for(urgency: Priority | str) -> str:
@@ -318,5 +322,68 @@ def recover_interrupted(session_factory: sessionmaker[Session], *, running_is_st
                 study_uid,
                 flow_run_id,
                 state.type.value if state is not None else "unknown",
+            )
+    return recovered
+
+
+def recover_from_dead_workers(session_factory: sessionmaker[Session], work_pool: str) -> list[str]:
+    """Send back to ``stable`` the studies whose flow run's worker stopped heartbeating.
+
+    A worker killed on another machine (``kill -9``, power loss) leaves its run Pending
+    or Running for ever: Prefect marks a run Crashed only when its own process reports
+    it. radtriage's workers label each run they claim (:data:`WORKER_LABEL`) and
+    heartbeat to the work pool; a run whose worker missed :data:`MISSED_HEARTBEATS`
+    heartbeats (or is unknown to the pool) is set Crashed and its study dispatched
+    again as a new revision. Runs without the label (``prefect worker start``) are left
+    to :func:`recover_interrupted`.
+    """
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    other = aliased(TriageRun)
+    latest = select(func.max(other.revision)).where(other.study_id == Study.id).scalar_subquery()
+    with session_scope(session_factory, readonly=True) as session:
+        rows = session.execute(
+            select(Study.StudyInstanceUID, TriageRun.flow_run_id)
+            .join(TriageRun, TriageRun.study_id == Study.id)
+            .where(Study.state == StudyState.dispatched, TriageRun.revision == latest, TriageRun.flow_run_id != "")
+        ).all()
+    if not rows:
+        return []
+    recovered: list[str] = []
+    now = datetime.now(UTC)
+    with get_client(sync_client=True) as client:
+        alive = {
+            w.name
+            for w in client.read_workers_for_work_pool(work_pool)
+            if w.last_heartbeat_time is not None
+            and (now - w.last_heartbeat_time).total_seconds() < MISSED_HEARTBEATS * (w.heartbeat_interval_seconds or 30)
+        }
+        for study_uid, flow_run_id in rows:
+            try:
+                flow_run = client.read_flow_run(flow_run_id)
+            except ObjectNotFound:
+                continue  # recover_interrupted handles a reset Prefect database at start
+            worker = (flow_run.labels or {}).get(WORKER_LABEL)
+            state = flow_run.state
+            if not worker or worker in alive or state is None or not (state.is_pending() or state.is_running()):
+                continue
+            client.set_flow_run_state(
+                flow_run_id, Crashed(message=f"worker {worker} stopped sending heartbeats"), force=True
+            )
+            with session_scope(session_factory) as session:
+                run = session.scalar(select(TriageRun).where(TriageRun.flow_run_id == flow_run_id))
+                if run is not None and run.status in (RunStatus.dispatched, RunStatus.running):
+                    run.status = RunStatus.failed
+                    run.error = f"worker {worker} died during the run"
+                study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
+                if study is not None and study.state == StudyState.dispatched:
+                    study.set_state(StudyState.stable)
+                    recovered.append(study_uid)
+            log.warning(
+                "study %s: worker %s of flow run %s stopped sending heartbeats; run marked Crashed, dispatching again",
+                study_uid,
+                worker,
+                flow_run_id,
             )
     return recovered

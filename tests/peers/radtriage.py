@@ -44,7 +44,11 @@ class ServeProcess:
         The child's environment (default: ours with ``TCP_NODELAY=1``).
     wrap
         Turns the command into the one to run (e.g. inside ``unshare``).
+    cwd
+        The child's working folder (default: the repository).
     """
+
+    subcommand = "serve"
 
     def __init__(
         self,
@@ -53,6 +57,7 @@ class ServeProcess:
         folder: Path | None = None,
         env: dict[str, str] | None = None,
         wrap: Callable[[list[str]], list[str]] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         if folder is None and config is None:
             raise ValueError("give the folder for the log, or a config file beside which it goes")
@@ -60,6 +65,7 @@ class ServeProcess:
         self.config = config
         self.env = env if env is not None else {**os.environ, "TCP_NODELAY": "1"}
         self.wrap = wrap
+        self.cwd = cwd or REPO
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self._read = 0
@@ -67,10 +73,10 @@ class ServeProcess:
 
     @property
     def log_file(self) -> Path:
-        return self.folder / "serve.log"
+        return self.folder / f"{self.subcommand}.log"
 
     def command(self) -> list[str]:
-        cmd = [*RADTRIAGE, *(["--config", str(self.config)] if self.config else []), "serve"]
+        cmd = [*RADTRIAGE, *(["--config", str(self.config)] if self.config else []), self.subcommand]
         return self.wrap(cmd) if self.wrap is not None else cmd
 
     def start(self, timeout: float = 60.0) -> ServeProcess:
@@ -89,7 +95,7 @@ class ServeProcess:
             self.proc = subprocess.Popen(
                 self.command(),
                 env=self.env,
-                cwd=REPO,
+                cwd=self.cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -257,3 +263,35 @@ class RadtriageServer(ServeProcess):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class WorkerProcess(ServeProcess):
+    """``radtriage worker`` as a real child process: a worker "host" of its own.
+
+    It runs in ``folder`` (its working folder, log and ``PREFECT_HOME``) with the
+    environment ``env`` (the shared index URL, archive folder and Prefect API);
+    :meth:`start` returns once it polls the work pool under ``name``.
+    """
+
+    subcommand = "worker"
+
+    def __init__(self, folder: Path, name: str, env: dict[str, str]) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        super().__init__(folder=folder, cwd=folder, env={**os.environ, "TCP_NODELAY": "1", **env})
+        self.name = name
+        self.env.update(
+            RADTRIAGE_TRIAGE__WORKER_NAME=name,
+            PREFECT_HOME=str(folder / "prefect"),
+            # One inference limit per host: workers on one machine would otherwise share it.
+            RADTRIAGE_INFERENCE_LIMIT=f"radtriage-inference-{name}",
+        )
+
+    def start(self, timeout: float = 120.0) -> WorkerProcess:
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 120.0) -> WorkerProcess:
+        """Wait until the launched worker polls the work pool."""
+        self.wait_log(rf"triage worker {re.escape(self.name)} polling", timeout)
+        return self
