@@ -19,6 +19,7 @@ from pydicom.errors import InvalidDicomError
 
 if TYPE_CHECKING:
     from pipeline.ai.spec import SeriesRules, TriageSpec
+    from pipeline.index.schema import Series
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,21 @@ class SeriesInfo:
     files: list[Path] = field(default_factory=list)
     study_instance_uid: str = ""
     series_number: int | None = None
+
+
+def series_info_of_row(series: Series) -> SeriesInfo:
+    """A series as selection sees it, from its index row alone (the dispatch-time planner
+    and the study page's "which series each model read" both judge from this)."""
+    return SeriesInfo(
+        series_instance_uid=series.SeriesInstanceUID,
+        modality=series.Modality,
+        body_part_examined=series.BodyPartExamined,
+        series_description=series.SeriesDescription,
+        image_type=tuple(v for v in (series.ImageType or "").split("\\") if v),
+        number_of_instances=series.NumberOfSeriesRelatedInstances,
+        slice_thickness=series.SliceThickness,
+        series_number=series.SeriesNumber,
+    )
 
 
 def _float(value: object) -> float | None:

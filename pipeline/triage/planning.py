@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.ai.findings import Priority
-from pipeline.ai.selection import SeriesInfo, rejection_reason, select_series
+from pipeline.ai.selection import SeriesInfo, rejection_reason, select_series, series_info_of_row
 from pipeline.config import QueueRule
 from pipeline.index.schema import Instance, Series, SeriesOrigin
 
@@ -93,19 +93,6 @@ class Urgency:
         return "; ".join(self.reasons)[:256]
 
 
-def _series_info(s: Series) -> SeriesInfo:
-    return SeriesInfo(
-        series_instance_uid=s.SeriesInstanceUID,
-        modality=s.Modality,
-        body_part_examined=s.BodyPartExamined,
-        series_description=s.SeriesDescription,
-        image_type=tuple(v for v in s.ImageType.split("\\") if v),
-        number_of_instances=s.NumberOfSeriesRelatedInstances,
-        slice_thickness=s.SliceThickness,
-        series_number=s.SeriesNumber,
-    )
-
-
 def series_by_study(session: Session, study_ids: Sequence[int]) -> dict[int, list[SeriesInfo]]:
     """The received series of each study as selection sees them, from the index alone (one query)."""
     found: dict[int, list[SeriesInfo]] = {study_id: [] for study_id in study_ids}
@@ -117,7 +104,7 @@ def series_by_study(session: Session, study_ids: Sequence[int]) -> dict[int, lis
         .order_by(Series.study_id, Series.id)
     ).all()
     for row in rows:
-        found[row.study_id].append(_series_info(row))
+        found[row.study_id].append(series_info_of_row(row))
     return found
 
 

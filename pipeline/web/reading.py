@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.ai.registry import Registry, load_registry
-from pipeline.ai.selection import SeriesInfo, rejection_reason, select_series
+from pipeline.ai.selection import SeriesInfo, rejection_reason, select_series, series_info_of_row
 from pipeline.index.schema import Series
 from pipeline.web.worklist_items import WorklistItem
 
@@ -64,20 +64,6 @@ class ModelReading:
     note: str = ""  # an unavailable model's reason, a failed run's error
 
 
-def series_info(series: Series) -> SeriesInfo:
-    """A series as selection sees it, from its index row (as the planner builds it)."""
-    return SeriesInfo(
-        series_instance_uid=series.SeriesInstanceUID,
-        modality=series.Modality,
-        body_part_examined=series.BodyPartExamined,
-        series_description=series.SeriesDescription,
-        image_type=tuple(v for v in (series.ImageType or "").split("\\") if v),
-        number_of_instances=series.NumberOfSeriesRelatedInstances,
-        slice_thickness=series.SliceThickness,
-        series_number=series.SeriesNumber,
-    )
-
-
 def _verdict(s: Series, read_uid: str, why: str) -> SeriesVerdict:
     return SeriesVerdict(
         s.SeriesInstanceUID,
@@ -113,7 +99,7 @@ def study_readings(series: list[Series], item: WorklistItem, registry: Registry)
     Models that are in the folder but unavailable are listed with their reason; a model
     with a current result that is no longer in the folder is listed with the series it read.
     """
-    infos = [series_info(s) for s in series]
+    infos = [series_info_of_row(s) for s in series]
     readings = [_reading(model, series, infos, item) for model in registry.available]
     known = {m.name for m in registry.available}
     for r in item.results:
