@@ -28,6 +28,7 @@ def build_serve(settings: Settings) -> ProcessRunner:
     from pipeline.forward import Forwarder
     from pipeline.triage.runtime import Runtime
     from pipeline.triage.stability import StabilitySweeper
+    from pipeline.web.dicomweb.warmer import MetadataWarmer
     from pipeline.web.server import WebServer
 
     secure_data_dir(settings.storage.data_dir, settings.storage.group)  # before the index file exists
@@ -45,10 +46,14 @@ def build_serve(settings: Settings) -> ProcessRunner:
     receiver: Component = (
         DicomReceiver(settings, runtime.archive) if processes == 1 else ReceiverPool(settings, processes)
     )
+    # A study that turns stable gets its DICOMweb metadata built before a viewer asks.
+    warmer = MetadataWarmer(settings.storage.data_dir.resolve(), runtime.session_factory)
+    sweeper.on_stable = warmer.warm
     components: list[Component] = [
         receiver,
         sweeper,
         forwarder,
+        warmer,
         WebServer(settings, runtime.session_factory, runtime.archive),
     ]
     if triage.enabled:
@@ -56,7 +61,12 @@ def build_serve(settings: Settings) -> ProcessRunner:
 
         embedded = embedded_prefect(settings)
         orchestration = triage_orchestration(runtime, dispatch=True, embedded=embedded is not None)
-        sweeper.on_stable = lambda _uids: orchestration.wake_dispatcher()
+
+        def on_stable(uids: list[str]) -> None:
+            orchestration.wake_dispatcher()
+            warmer.warm(uids)
+
+        sweeper.on_stable = on_stable
         # Results stored by a flow run in this process go out at once.
         runtime.on_results_stored = forwarder.wake
         if embedded is not None:

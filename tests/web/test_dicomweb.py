@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 
 import httpx
 import numpy as np
@@ -349,3 +350,26 @@ def test_frames_after_the_metadata_come_from_the_recorded_pixel_offsets(web: Web
     other = f"/studies/{web.bleed.StudyInstanceUID}/series/{series}/instances/{sop}/frames/1"
     assert http.get(other, headers={"Accept": OHIF_FRAMES}).status_code == 404
     assert http.get(f"/studies/{study}/series/{series}/instances/{sop}/frames/2").status_code == 404
+
+
+def test_the_warmer_builds_a_stable_studys_metadata_before_anyone_asks(web: WebEnv, http: httpx.Client) -> None:
+    from pipeline.web.dicomweb.warmer import MetadataWarmer
+
+    study = web.failed.StudyInstanceUID  # no test asks for its metadata otherwise
+    root = web.settings.storage.data_dir.resolve()
+    folder = root / "cache" / "dicomweb-metadata" / web.failed.SeriesInstanceUID
+    assert not folder.exists()
+    warmer = MetadataWarmer(root, web.archive.session_factory, interval=60)
+    warmer.start()
+    try:
+        warmer.warm([study])
+        deadline = time.monotonic() + 20
+        while not any(folder.glob("*.frames.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        warmer.stop()
+    built = [p for p in folder.glob("*.json") if not p.name.endswith(".frames.json")]
+    assert len(built) == 1
+    served = http.get(f"/studies/{study}/series/{web.failed.SeriesInstanceUID}/metadata").json()
+    assert len(served) == len(web.failed.sop_uids)
+    assert [p for p in folder.glob("*.json") if not p.name.endswith(".frames.json")] == built  # served from it
