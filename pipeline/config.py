@@ -148,6 +148,16 @@ class IndexSettings(_Section):
 Urgency = Literal["critical", "urgent", "routine"]
 
 
+def regular_expression(value: str | None) -> str | None:
+    """A pydantic check: ``value`` compiles as a regular expression (``None`` passes)."""
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression: {err}") from None
+    return value
+
+
 class QueueRule(_Section):
     """Raise a study's place in the AI queue from what is known before inference.
 
@@ -182,12 +192,7 @@ class QueueRule(_Section):
     @field_validator("institutional_department_name")
     @classmethod
     def _regex(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as err:
-                raise ValueError(f"not a valid regular expression: {err}") from None
-        return value
+        return regular_expression(value)
 
     @model_validator(mode="after")
     def _has_condition(self) -> QueueRule:

@@ -27,13 +27,13 @@ Example (abridged)::
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.ai.findings import Code, Priority
+from pipeline.config import regular_expression
 from pipeline.errors import ConfigError
 
 SCHEMES = {"SCT", "DCM", "LN", "RADLEX", "99LOCAL"}
@@ -105,12 +105,7 @@ class SeriesRules(_Strict):
     @field_validator("series_description", "series_description_exclude")
     @classmethod
     def _regex(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as err:
-                raise ValueError(f"not a valid regular expression: {err}") from None
-        return value
+        return regular_expression(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "SeriesRules":
