@@ -373,3 +373,24 @@ def test_the_warmer_builds_a_stable_studys_metadata_before_anyone_asks(web: WebE
     served = http.get(f"/studies/{study}/series/{web.failed.SeriesInstanceUID}/metadata").json()
     assert len(served) == len(web.failed.sop_uids)
     assert [p for p in folder.glob("*.json") if not p.name.endswith(".frames.json")] == built  # served from it
+
+
+def test_every_path_the_viewer_calls_needs_a_login(web: WebEnv) -> None:
+    study, series, sop = web.bleed.StudyInstanceUID, web.bleed.SeriesInstanceUID, web.bleed.sop_uids[0]
+    instance = f"/studies/{study}/series/{series}/instances/{sop}"
+    paths = [
+        "/studies?limit=101&offset=0&fuzzymatching=false&includefield=00081030,00080060",
+        f"/studies/{study}/series",
+        f"/studies/{study}/series/{series}/metadata",
+        f"/studies/{study}/metadata",
+        instance,
+        instance + "/frames/1",
+        instance + "/bulkdata/7FE00010",
+        instance + "/rendered",
+        f"/studies/{study}/thumbnail",
+    ]
+    for path in paths:
+        r = httpx.get(web.url + "/dicom-web" + path, headers={"Accept": OHIF_FRAMES})
+        assert r.status_code == 401, path
+        assert sop not in r.text and "Garcia" not in r.text
+    assert httpx.post(web.url + "/dicom-web/studies", content=b"x").status_code == 401
