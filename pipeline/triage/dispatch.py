@@ -274,6 +274,16 @@ def _next_revision(session: Session, study_id: int) -> int:
     return (last or 0) + 1
 
 
+def _dispatch_again(session: Session, study_uid: str) -> bool:
+    """Put a dispatched study whose run died back to ``stable``, so the dispatcher runs it
+    again under the next revision; ``False`` when it has moved on meanwhile."""
+    study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
+    if study is None or study.state != StudyState.dispatched:
+        return False
+    study.set_state(StudyState.stable)
+    return True
+
+
 def recover_interrupted(session_factory: sessionmaker[Session], *, running_is_stale_after: float | None) -> list[str]:
     """Send back to ``stable`` the studies whose flow run can no longer finish.
 
@@ -313,9 +323,7 @@ def recover_interrupted(session_factory: sessionmaker[Session], *, running_is_st
                     flow_run_id, Crashed(message="radtriage restarted while this run was running"), force=True
                 )
             with session_scope(session_factory) as session:
-                study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
-                if study is not None and study.state == StudyState.dispatched:
-                    study.set_state(StudyState.stable)
+                if _dispatch_again(session, study_uid):
                     recovered.append(study_uid)
             log.warning(
                 "study %s: flow run %s ended %s without results; dispatching it again",
@@ -376,9 +384,7 @@ def recover_from_dead_workers(session_factory: sessionmaker[Session], work_pool:
                 if run is not None and run.status in (RunStatus.dispatched, RunStatus.running):
                     run.status = RunStatus.failed
                     run.error = f"worker {worker} died during the run"
-                study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
-                if study is not None and study.state == StudyState.dispatched:
-                    study.set_state(StudyState.stable)
+                if _dispatch_again(session, study_uid):
                     recovered.append(study_uid)
             log.warning(
                 "study %s: worker %s of flow run %s stopped sending heartbeats; run marked Crashed, dispatching again",

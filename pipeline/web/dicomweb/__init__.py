@@ -34,3 +34,13 @@ def base_url(request: Request) -> str:
     reached it (``http://host:port/dicom-web``, from the request's Host header)."""
     public = request.app.state.ctx.settings.web.public_url
     return (public or str(request.base_url).rstrip("/")) + PREFIX
+
+
+def resource_path(study_uid: str, series_uid: str | None = None, sop_uid: str | None = None) -> str:
+    """The WADO-RS path of a study, series or instance below :data:`PREFIX`."""
+    path = f"/studies/{study_uid}"
+    if series_uid is not None:
+        path += f"/series/{series_uid}"
+        if sop_uid is not None:
+            path += f"/instances/{sop_uid}"
+    return path

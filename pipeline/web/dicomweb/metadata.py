@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.index.db import session_scope
 from pipeline.index.schema import Instance, Series, Study
+from pipeline.web.dicomweb import resource_path
 from pipeline.web.dicomweb.dicomjson import dataset_json
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,19 @@ class StoredInstance:
     @property
     def url(self) -> str:
         """Its WADO-RS URL below the DICOMweb base."""
-        return f"/studies/{self.StudyInstanceUID}/series/{self.SeriesInstanceUID}/instances/{self.SOPInstanceUID}"
+        return resource_path(self.StudyInstanceUID, self.SeriesInstanceUID, self.SOPInstanceUID)
+
+
+def study_series(session: Session, study_uid: str) -> list[str]:
+    """The SeriesInstanceUIDs of a study, in SeriesNumber order (as its metadata lists them)."""
+    return list(
+        session.scalars(
+            select(Series.SeriesInstanceUID)
+            .join(Study, Series.study_id == Study.id)
+            .where(Study.StudyInstanceUID == study_uid)
+            .order_by(Series.SeriesNumber, Series.id)
+        )
+    )
 
 
 def stored_instances(

@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from pipeline.index import query as engine
 from pipeline.index.query import InformationModel, Level, Query, QueryError
 from pipeline.web.context import WebContext
-from pipeline.web.dicomweb import base_url
+from pipeline.web.dicomweb import base_url, resource_path
 from pipeline.web.dicomweb.media import DICOM_JSON, parse_accept, wants_json
 
 router = APIRouter()
@@ -210,11 +210,11 @@ def match_json(match: dict[str, Any], level: Level, base: str) -> dict[str, Any]
         tag = tag_for_keyword(keyword)
         if tag is not None:
             out[f"{tag:08X}"] = element(keyword, value)
-    url = f"{base}/studies/{match['StudyInstanceUID']}"
-    if level is not Level.STUDY:
-        url += f"/series/{match['SeriesInstanceUID']}"
-    if level is Level.IMAGE:
-        url += f"/instances/{match['SOPInstanceUID']}"
+    url = base + resource_path(
+        match["StudyInstanceUID"],
+        match["SeriesInstanceUID"] if level is not Level.STUDY else None,
+        match["SOPInstanceUID"] if level is Level.IMAGE else None,
+    )
     out["00081190"] = {"vr": "UR", "Value": [url]}
     out["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}
     return dict(sorted(out.items()))

@@ -65,7 +65,7 @@ from pipeline.archive.header import DatasetError, InvalidUIDError, SOPClassMisma
 from pipeline.archive.part10 import read_file_meta
 from pipeline.web.auth import AuthUser, may_store
 from pipeline.web.context import ArchiveFiles, WebContext
-from pipeline.web.dicomweb import base_url
+from pipeline.web.dicomweb import base_url, resource_path
 from pipeline.web.dicomweb.media import DICOM, DICOM_JSON
 from pipeline.web.dicomweb.multipart import (
     MultipartError,
@@ -261,7 +261,7 @@ def _response(outcomes: list[Outcome], base: str, study_uid: str | None) -> tupl
     studies = {o.stored.StudyInstanceUID for o in stored if o.stored is not None}
     study = study_uid or (next(iter(studies)) if len(studies) == 1 else None)
     ds = Dataset()
-    ds.RetrieveURL = f"{base}/studies/{study}" if study else None  # Type 2: empty for several studies
+    ds.RetrieveURL = base + resource_path(study) if study else None  # Type 2: empty for several studies
     if failed:
         items = []
         for outcome in failed:
@@ -278,10 +278,8 @@ def _response(outcomes: list[Outcome], base: str, study_uid: str | None) -> tupl
             item = Dataset()
             item.ReferencedSOPClassUID = outcome.sop_class_uid
             item.ReferencedSOPInstanceUID = outcome.stored.SOPInstanceUID
-            item.RetrieveURL = (
-                f"{base}/studies/{outcome.stored.StudyInstanceUID}/series/{outcome.stored.SeriesInstanceUID}"
-                f"/instances/{outcome.stored.SOPInstanceUID}"
-            )
+            done = outcome.stored
+            item.RetrieveURL = base + resource_path(done.StudyInstanceUID, done.SeriesInstanceUID, done.SOPInstanceUID)
             items.append(item)
         ds.ReferencedSOPSequence = items
     status = 200 if not failed else (202 if stored else 409)

@@ -66,6 +66,7 @@ from pipeline.web.dicomweb.metadata import (
     StoredInstance,
     instance_json,
     stored_instances,
+    study_series,
     with_base,
 )
 from pipeline.web.imaging import NotAnImage, render_frame
@@ -211,7 +212,7 @@ def _metadata(
         arrays = [cache.series(study, series)]
     else:
         with session_scope(ctx.session_factory, readonly=True) as session:
-            uids = list(dict.fromkeys(i.SeriesInstanceUID for i in stored_instances(session, _data_dir(ctx), study)))
+            uids = study_series(session, study)
         arrays = [cache.series(study, uid) for uid in uids]
     present = [a for a in arrays if a is not None and a != b"[]"]
     if not present:

@@ -16,13 +16,11 @@ import time
 from collections import deque
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.index.db import session_scope
-from pipeline.index.schema import Series, Study
 from pipeline.process.component import PollLoop
-from pipeline.web.dicomweb.metadata import MetadataCache
+from pipeline.web.dicomweb.metadata import MetadataCache, study_series
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +59,7 @@ class MetadataWarmer(PollLoop):
         """Build (or find current) the metadata of every series of the study; the count."""
         started = time.monotonic()
         with session_scope(self.session_factory, readonly=True) as session:
-            series = list(
-                session.scalars(
-                    select(Series.SeriesInstanceUID)
-                    .join(Study, Series.study_id == Study.id)
-                    .where(Study.StudyInstanceUID == study_uid)
-                )
-            )
+            series = study_series(session, study_uid)
         for series_uid in series:
             self.cache.series(study_uid, series_uid)
         log.debug("metadata of %d series of %s ready in %.2f s", len(series), study_uid, time.monotonic() - started)
