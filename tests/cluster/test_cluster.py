@@ -46,6 +46,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 # The smallest studies the reference model's series rules accept (min_slices 16).
 SLICES, SIZE, SPACING = 16, 128, (5.0, 1.8, 1.8)
+# The study a worker is killed on: large enough that its inference lasts seconds, not the
+# ~0.2 s of the small ones, so the test sees the run inside it before it ends.
+KILL_SLICES, KILL_SIZE, KILL_SPACING = 32, 512, (5.0, 0.45, 0.45)
 STUDIES = 8
 WORKERS = ("worker-a", "worker-b")
 HEARTBEAT_SECONDS = 2  # a worker is taken as dead after 3 missed heartbeats: 6 s
@@ -208,17 +211,23 @@ def cluster(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) 
         storescp.wait(10)
 
 
-def make_studies(folder: Path, count: int, first_seed: int) -> dict[str, list[Path]]:
+def make_studies(
+    folder: Path,
+    count: int,
+    first_seed: int,
+    shape: tuple[int, int, tuple[float, float, float]] = (SLICES, SIZE, SPACING),
+) -> dict[str, list[Path]]:
+    slices, size, spacing = shape
     studies: dict[str, list[Path]] = {}
     for i in range(count):
         finding = "hemorrhage" if i % 2 == 0 else "none"
         files = synth_study(
             folder / f"s{first_seed + i}",
             seed=first_seed + i,
-            slices=SLICES,
-            rows=SIZE,
-            cols=SIZE,
-            spacing_zyx=SPACING,
+            slices=slices,
+            rows=size,
+            cols=size,
+            spacing_zyx=spacing,
             volume=volume_generator(finding),
         )
         studies[str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)] = files
@@ -280,7 +289,9 @@ def test_eight_studies_are_analysed_once_each_spread_over_both_workers(cluster: 
 
 
 def test_a_worker_killed_during_inference_loses_nothing(cluster: Cluster, tmp_path: Path) -> None:
-    [(study_uid, files)] = make_studies(tmp_path, 1, first_seed=800).items()
+    [(study_uid, files)] = make_studies(
+        tmp_path, 1, first_seed=800, shape=(KILL_SLICES, KILL_SIZE, KILL_SPACING)
+    ).items()
     storescu(cluster.front, files)
 
     def in_inference() -> tuple[dict[str, Any], str] | None:
