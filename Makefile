@@ -8,7 +8,7 @@ APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium chromium-dri
 CONFIG ?= config/default.toml
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast lint bench setup apt data viewer constraints clean
+.PHONY: run test test-postgresql test-fast lint bench setup apt data viewer constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,8 +40,22 @@ lint: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python scripts/check_import_cycles.py
 
+# Where the index database matters, run again on PostgreSQL by `make test` (README, Tests):
+# the study state machine, storing, two receivers and two receiver processes writing one
+# instance, dispatch, the forward queue, the worklist SQL, STOW-RS and QIDO/WADO-RS.
+# tests/core/test_postgresql.py and test_query_engine.py start PostgreSQL in the first run.
+POSTGRESQL_TESTS := tests/core/test_state.py tests/core/test_store_file.py tests/core/test_concurrent_store.py \
+	tests/core/test_multiprocess_receive.py::test_same_instance_through_two_processes_is_stored_once \
+	tests/flow/test_dispatch.py tests/forward/test_queue.py tests/web/test_worklist_paging.py \
+	tests/web/test_stow.py tests/web/test_dicomweb.py
+
 test: setup lint viewer
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	RADTRIAGE_TEST_INDEX=postgresql $(BIN)/python -m pytest $(POSTGRESQL_TESTS) $(PYTEST_ARGS)
+
+# The whole core, flow, forward and web suite with the index on PostgreSQL.
+test-postgresql: setup viewer
+	RADTRIAGE_TEST_INDEX=postgresql $(BIN)/python -m pytest tests/core tests/flow tests/forward tests/web $(PYTEST_ARGS)
 
 # The inner loop: unit tests only (no servers, notebooks or Chromium), under a minute.
 test-fast: $(STAMP)

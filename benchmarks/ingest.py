@@ -18,7 +18,9 @@ benchmark re-executes itself in a private network namespace (``unshare --net``) 
 only ``lo`` exists; otherwise all traffic still goes to 127.0.0.1 only.
 
 Usage: ``python benchmarks/ingest.py [--senders 1] [--images 320] [--runs 3]`` (``make bench``
-runs ``--senders 1`` and ``--senders 4``).
+runs ``--senders 1`` and ``--senders 4``). ``--baseline DIR`` adds the ``radtriage serve`` of
+another source tree (the tree before a change) to the same interleaved runs: on a shared,
+loaded machine only such side-by-side figures say whether a change helped.
 """
 
 from __future__ import annotations
@@ -83,11 +85,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def start_radtriage(
-    storage: Path, port: int, web_port: int = 0, workers: int | str = "auto"
+    storage: Path, port: int, web_port: int = 0, workers: int | str = "auto", checkout: Path = ROOT
 ) -> subprocess.Popen[bytes]:
     """``radtriage serve`` on ``storage`` (config in ``radtriage.toml`` there), its web app on
     ``web_port`` (0: any free port; ``benchmarks/dicomweb.py`` gives its own), with
-    ``[dicom] workers`` receiver processes."""
+    ``[dicom] workers`` receiver processes, from the source tree ``checkout``."""
     cfg = storage / "radtriage.toml"
     cfg.write_text(
         f'[dicom]\nae_title = "RADTRIAGE"\nbind = "{HOST}"\nport = {port}\nallowed_aes = ["*"]\n'
@@ -99,7 +101,7 @@ def start_radtriage(
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", "--config", str(cfg), "serve"],
         env=ENV,
-        cwd=ROOT,
+        cwd=checkout,
         stdout=subprocess.DEVNULL,
         stderr=(storage / "log.txt").open("wb"),
     )
@@ -198,7 +200,7 @@ def one_run(name: str, folders: list[Path], n: int, workdir: Path) -> RunResult:
     cpu = None
     try:
         wait_echo(port, aec, proc)
-        if name.startswith("radtriage"):  # the receiver answers first; wait until every component is up
+        if TARGETS[name][0] == "RADTRIAGE":  # the receiver answers first; wait until every component is up
             wait_log(storage / "log.txt", "radtriage running", proc)
         cpu0 = tree_cpu_seconds(proc.pid)
         t0 = time.perf_counter()
@@ -214,7 +216,7 @@ def one_run(name: str, folders: list[Path], n: int, workdir: Path) -> RunResult:
         ]
         failed = [(s.wait(), s.stderr.read() if s.stderr else "") for s in senders]
         elapsed = time.perf_counter() - t0
-        if name.startswith("radtriage"):
+        if TARGETS[name][0] == "RADTRIAGE":
             cpu = (tree_cpu_seconds(proc.pid) - cpu0) / n
         bad = [err for code, err in failed if code != 0]
         if bad:
@@ -248,7 +250,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per target, interleaved (default 3)")
     parser.add_argument("--targets", default="radtriage,radtriage-w1,orthanc,storescp")
     parser.add_argument("--no-netns", action="store_true", help="do not enter a private network namespace")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another source tree (e.g. a checkout of the previous commit): adds target 'baseline', "
+        "its radtriage serve with workers auto, to compare a change within one interleaved run",
+    )
     args = parser.parse_args(argv)
+    if args.baseline is not None:
+        checkout = args.baseline.resolve()
+        TARGETS["baseline"] = (
+            "RADTRIAGE",
+            lambda storage, port: start_radtriage(storage, port, checkout=checkout),
+            TARGETS["radtriage"][2],
+        )
+        if "baseline" not in args.targets:
+            args.targets = f"baseline,{args.targets}"
     targets = args.targets.split(",")
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown or args.senders < 1:
@@ -278,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         cpus = [r.cpu_per_image for r in results[name] if r.cpu_per_image is not None]
         cpu = f"  {statistics.median(cpus) * 1000:6.2f} ms CPU/image" if cpus else ""
         print(f"  {name:<13} {rate:8.1f} images/s{cpu}")
-    for mine in ("radtriage", "radtriage-w1"):
+    for mine in ("radtriage", "radtriage-w1", "baseline"):
         for other in ("orthanc", "storescp"):
             if mine in med and other in med:
                 print(f"{mine}/{other} = {med[mine] / med[other]:.2f}")

@@ -85,7 +85,8 @@ def _patient(session: Session, header: InstanceHeader) -> Patient:
 
 
 def _study(session: Session, header: InstanceHeader, now: datetime, derived: bool) -> Study:
-    study = session.scalar(select(Study).where(Study.StudyInstanceUID == header.StudyInstanceUID))
+    # Locked: its counters and state are read and written back below (see Study).
+    study = session.scalar(select(Study).where(Study.StudyInstanceUID == header.StudyInstanceUID).with_for_update())
     if study is None:
         # A study first seen through our own output has nothing left to analyse.
         state = StudyState.analysed if derived else StudyState.received
@@ -112,6 +113,9 @@ _FIND_SERIES = Prepared(
     select(_series.c.id, _series.c.study_id, _study_t.c.StudyInstanceUID, _study_t.c.state)
     .join(_study_t, _series.c.study_id == _study_t.c.id)
     .where(_series.c.SeriesInstanceUID == bindparam("b_series"))
+    # The study row stays locked until commit: its state, read here, decides the update
+    # below, and a sweep or dispatcher must not change it in between (see Study).
+    .with_for_update(of=_study_t)
 )
 _INSTANCE_COLUMNS = (
     "SOPInstanceUID",

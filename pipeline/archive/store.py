@@ -5,6 +5,11 @@ rename to ``files/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` 
 file system), fsync that folder, then commit the index row. Only after that does a caller (the C-STORE
 handler) answer Success. After a crash, :meth:`Archive.recover` deletes temp files and
 indexes files that were renamed but not yet indexed, so no partial or orphan file stays.
+
+Writers that arrive together share the last three steps (:mod:`pipeline.archive.group`):
+one transaction and one fsync per folder for the batch. A receiver writes the temp file
+while the instance still arrives (:mod:`pipeline.archive.spool`), so its fsync finds
+most of the file already written back.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import struct
 import threading
 import uuid
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +36,11 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline.archive.group import GroupCommit
 from pipeline.archive.header import (
     InstanceHeader,
     InvalidUIDError,
@@ -43,10 +50,12 @@ from pipeline.archive.header import (
     parse_file,
 )
 from pipeline.archive.ingest import indexed_path, record_instance
+from pipeline.archive.spool import Spool
 from pipeline.config import Settings
 from pipeline.errors import PermanentError, TransientError
 from pipeline.index.db import create_index_engine, make_session_factory, session_scope
 from pipeline.index.schema import Instance, Series, utcnow
+from pipeline.index.writer import writer_lock, writer_lock_for
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,17 @@ class OutOfResourcesError(TransientError):
 
 class NotInArchiveError(PermanentError):
     """The requested object is not in the archive."""
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A fsynced temp file waiting for its commit."""
+
+    header: InstanceHeader
+    tmp: Path
+    size: int
+    transfer_syntax: str
+    derived: bool
 
 
 @dataclass(frozen=True)
@@ -174,6 +194,8 @@ class Archive:
         for folder in (self.files_dir, self.incoming_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._writer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="archive-write")
+        self._group: GroupCommit[_Pending, StoredInstance] = GroupCommit(self._commit_batch)
+        self._writer_lock = writer_lock_for(self.engine)
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
         # Starts every temp file's name: a receiver process sets its own, so that its
@@ -189,8 +211,12 @@ class Archive:
         sop_class_uid: str,
         sop_instance_uid: str,
         source_ae: str | None = None,
+        spool: Spool | None = None,
     ) -> StoredInstance:
         """Store a dataset exactly as a sender encoded it (no File Meta, pixels untouched).
+
+        With ``spool`` (from :meth:`open_spool`, written while the bytes arrived), that
+        file is used instead of writing ``encoded`` again, if it holds exactly them.
 
         Raises
         ------
@@ -205,7 +231,14 @@ class Archive:
             raise InvalidUIDError("the request's SOP Class/Instance UID is not ASCII") from None
         # Write and fsync (no GIL held) while this thread parses the header: the temp file
         # is anonymous until the header is valid, then renamed into place.
-        staged = self._writer.submit(self._write_temp, (meta, encoded))
+        key = (sop_class_uid, sop_instance_uid, transfer_syntax, source_ae)
+        if spool is not None and (spool.failed or spool.key != key or spool.size != len(meta) + len(encoded)):
+            spool.discard()
+            spool = None
+        if spool is not None:
+            staged = self._writer.submit(self._finish_spool, spool)
+        else:
+            staged = self._writer.submit(self._write_temp, (meta, encoded))
         try:
             ds = parse_encoded(encoded, transfer_syntax)
             header = header_from_dataset(ds, expected_sop_class=sop_class_uid, expected_sop_instance=sop_instance_uid)
@@ -218,6 +251,36 @@ class Archive:
             raise
         tmp, size = staged.result()
         return self._commit(header, tmp, size, transfer_syntax, derived=False)
+
+    def open_spool(
+        self, *, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str, source_ae: str | None = None
+    ) -> Spool | None:
+        """A temp file, its File Meta written, for the dataset of an instance still
+        arriving (:mod:`pipeline.archive.spool`); give it to :meth:`store_encoded`. ``None``
+        when one cannot be made: then store from memory alone."""
+        try:
+            meta = encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, source_ae)
+        except UnicodeEncodeError:
+            return None  # store_encoded says why
+        tmp = self.incoming_dir / f"{self.temp_prefix}{uuid.uuid4().hex}{TMP_SUFFIX}"
+        try:
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666
+            )  # less the umask, as open() does
+        except OSError as err:
+            log.info("cannot spool to %s (%s); storing from memory", tmp, err)
+            return None
+        spool = Spool(tmp, fd, (sop_class_uid, sop_instance_uid, transfer_syntax, source_ae), writeback=self.fsync)
+        spool.write(meta)
+        return None if spool.failed else spool
+
+    def _finish_spool(self, spool: Spool) -> tuple[Path, int]:
+        try:
+            return spool.finish(fsync=self.fsync)
+        except OSError as err:
+            if err.errno in _NO_SPACE:
+                raise OutOfResourcesError(f"archive disk full at {self.data_dir}: free space, then resend") from err
+            raise
 
     def store_encoded_file(
         self,
@@ -299,51 +362,64 @@ class Archive:
     def _commit(
         self, header: InstanceHeader, tmp: Path, size: int, transfer_syntax: str, *, derived: bool
     ) -> StoredInstance:
+        """Make a fsynced temp file durable in the archive and the index (see
+        :meth:`_commit_alone`); concurrent writers are committed together
+        (:mod:`pipeline.archive.group`). Returns once this instance's commit is done."""
+        return self._group.submit(_Pending(header, tmp, size, transfer_syntax, derived))
+
+    def _commit_batch(self, batch: Sequence[_Pending]) -> list[StoredInstance | BaseException]:
+        """One transaction and one fsync per folder for the batch; if that transaction
+        fails (a series created at the same moment by another process), each item alone."""
+        if len(batch) > 1:
+            try:
+                return list(self._commit_together(batch))
+            except Exception as err:  # noqa: BLE001 - retried item by item, where each gets its own error
+                log.info("group commit of %d instances failed (%s); committing them one by one", len(batch), err)
+        outcomes: list[StoredInstance | BaseException] = []
+        for pending in batch:
+            try:
+                outcomes.append(self._commit_alone(pending))
+            except Exception as err:  # noqa: BLE001 - this item's writer raises it
+                outcomes.append(err)
+        return outcomes
+
+    def _commit_alone(self, pending: _Pending) -> StoredInstance:
         """For a fsynced temp file: in one index transaction, resend check, index row,
         rename into place, fsync the folder, commit. A resend leaves the stored file as is.
 
         The row comes before the rename: its unique SOP Instance UID is the claim on the
         file name. A second writer of the same instance (another association, another
-        receiver on the same index) waits on that row (PostgreSQL's unique index, SQLite's
-        write lock), then finds it and answers "already stored" without touching the
-        file; renaming first let the loser replace the winner's file under its index row.
+        receiver on the same index) waits on that row, then finds it and answers "already
+        stored" without touching the file; renaming first let the loser replace the
+        winner's file under its index row. Isolation this needs from the index: the
+        resend check, the insert and the rename must not interleave with another writer
+        of the same SOP Instance UID. SQLite gives that by having one writer at a time
+        (``BEGIN IMMEDIATE``, queued on :mod:`pipeline.index.writer`); PostgreSQL at READ
+        COMMITTED, by the unique index on SOPInstanceUID: a second insert of the same UID
+        waits for the first transaction, then fails with ``IntegrityError`` and is tried
+        again, finding the committed row. The folder is fsynced before the commit, so
+        an instance another writer finds committed is on disk under its name.
         """
-        rel = self.relative_path(header)
+        rel = self.relative_path(pending.header)
         final = self.data_dir / rel
+        with writer_lock(self._writer_lock):  # held through the clean-up below, too
+            return self._commit_locked(pending, final, rel)
+
+    def _commit_locked(self, pending: _Pending, final: Path, rel: str) -> StoredInstance:
         renamed = False
+        tmp = pending.tmp
         try:
             for attempt in range(3):
                 try:
                     with self.engine.begin() as conn:
-                        existing = indexed_path(conn, header.SOPInstanceUID)
-                        if existing is not None and (self.data_dir / existing).exists():
-                            log.info(
-                                "SOP Instance %s already stored; resend acknowledged, not stored again",
-                                header.SOPInstanceUID,
-                            )
-                            return self._result(header, existing, duplicate=True)
-                        if existing is None:
-                            record_instance(
-                                conn,
-                                header,
-                                path=rel,
-                                transfer_syntax=transfer_syntax,
-                                size=size,
-                                now=utcnow(),
-                                derived=derived,
-                                known_new=True,
-                            )
-                        else:
-                            log.warning(
-                                "SOP Instance %s was indexed but its file was missing; file restored",
-                                header.SOPInstanceUID,
-                            )
-                        self._ensure_dir(final.parent)
+                        outcome = self._claim(conn, pending, rel)
+                        if outcome.duplicate:
+                            return outcome
                         os.replace(tmp, final)
                         renamed = True
                         if self.fsync:
                             _fsync_dir(final.parent)  # the rename is durable before the row commits
-                    return self._result(header, rel, duplicate=False, size=size)
+                    return outcome
                 except IntegrityError:
                     # A concurrent writer created the same patient/study/series/instance first:
                     # nothing was renamed (the row comes first); look again.
@@ -362,6 +438,67 @@ class Archive:
             if not renamed:
                 tmp.unlink(missing_ok=True)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _commit_together(self, batch: Sequence[_Pending]) -> list[StoredInstance]:
+        """:meth:`_commit_alone` for several instances in one transaction: every claim and
+        rename, then one fsync per distinct folder, then one commit. If anything fails,
+        the renames are undone (files back to their temp names) before the transaction
+        ends, so the caller can commit the items one by one."""
+        outcomes: list[StoredInstance] = []
+        renamed: list[tuple[Path, Path, int]] = []
+        with writer_lock(self._writer_lock), self.engine.connect() as conn:
+            transaction = conn.begin()
+            try:
+                folders: dict[Path, None] = {}
+                for pending in batch:
+                    rel = self.relative_path(pending.header)
+                    outcome = self._claim(conn, pending, rel)
+                    if not outcome.duplicate:
+                        final = self.data_dir / rel
+                        os.replace(pending.tmp, final)
+                        renamed.append((final, pending.tmp, os.stat(final).st_ino))
+                        folders[final.parent] = None
+                    outcomes.append(outcome)
+                if self.fsync:
+                    for folder in folders:
+                        _fsync_dir(folder)
+            except BaseException:
+                _unrename(renamed)  # before the rollback frees the names' claims
+                transaction.rollback()
+                raise
+            try:
+                transaction.commit()
+            except BaseException:
+                _unrename(renamed)
+                raise
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if outcome.duplicate:
+                pending.tmp.unlink(missing_ok=True)
+        return outcomes
+
+    def _claim(self, conn: Connection, pending: _Pending, rel: str) -> StoredInstance:
+        """In ``conn``'s write transaction: the resend check and the index row (not yet
+        the rename). A result marked ``duplicate`` means: stored already, leave it."""
+        header = pending.header
+        existing = indexed_path(conn, header.SOPInstanceUID)
+        if existing is not None and (self.data_dir / existing).exists():
+            log.info("SOP Instance %s already stored; resend acknowledged, not stored again", header.SOPInstanceUID)
+            return self._result(header, existing, duplicate=True)
+        if existing is None:
+            record_instance(
+                conn,
+                header,
+                path=rel,
+                transfer_syntax=pending.transfer_syntax,
+                size=pending.size,
+                now=utcnow(),
+                derived=pending.derived,
+                known_new=True,
+            )
+        else:
+            log.warning("SOP Instance %s was indexed but its file was missing; file restored", header.SOPInstanceUID)
+        self._ensure_dir((self.data_dir / rel).parent)
+        return self._result(header, rel, duplicate=False, size=pending.size)
 
     def _discard(self, final: Path | None) -> None:
         if final is not None:
@@ -488,6 +625,18 @@ class Archive:
             header, rel, str(ds.file_meta.TransferSyntaxUID), path.stat().st_size, derived=is_derived_file(ds.file_meta)
         )
         return 1
+
+
+def _unrename(renamed: list[tuple[Path, Path, int]]) -> None:
+    """Move files renamed in a failed transaction back to their temp names (only if the
+    name still holds the same file: after a failed PostgreSQL commit, another writer
+    may have claimed it)."""
+    for final, tmp, inode in reversed(renamed):
+        try:
+            if os.stat(final).st_ino == inode:
+                os.replace(final, tmp)
+        except FileNotFoundError:
+            pass
 
 
 def _copy_file_tail(source: Path, offset: int, out_fd: int) -> int:

@@ -66,6 +66,7 @@ from pipeline.config import DicomSettings, PeerRight, Settings
 from pipeline.dicom.find import FIND_MODELS, handle_find
 from pipeline.dicom.peers import may
 from pipeline.dicom.retrieve import add_retrieve_contexts, retrieve_handlers
+from pipeline.dicom.spooling import drop_unfinished, spool_of, spool_stores
 from pipeline.dicom.status import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_INVALID_UID,
@@ -137,7 +138,10 @@ def handle_store(event: evt.Event, archive: Archive, dicom: DicomSettings | None
     """
     request = event.request
     calling = event.assoc.requestor.ae_title
+    spool = spool_of(request.DataSet)  # written while it arrived (pipeline.dicom.spooling)
     if dicom is not None and not may(dicom, calling, "store"):
+        if spool is not None:
+            spool.discard()
         log.warning("C-STORE from %s refused with 0x0124: it may not store (allowed_aes, [[dicom.peers]])", calling)
         return _status(STATUS_NOT_AUTHORISED, f"AE {calling.strip()} may not store here")
     with request.DataSet.getbuffer() as encoded:  # type: ignore[union-attr]
@@ -148,6 +152,7 @@ def handle_store(event: evt.Event, archive: Archive, dicom: DicomSettings | None
                 sop_class_uid=str(request.AffectedSOPClassUID),
                 sop_instance_uid=str(request.AffectedSOPInstanceUID),
                 source_ae=calling,
+                spool=spool,
             )
         except tuple(cls for cls, _ in _FAILURES) as err:
             code = next(c for cls, c in _FAILURES if isinstance(err, cls))
@@ -322,7 +327,9 @@ def handlers(settings: Settings, archive: Archive) -> list[Any]:
     """The event handlers the receiver binds (exposed so other servers can reuse them)."""
     return [
         (evt.EVT_CONN_OPEN, set_nodelay, [pdu_limits(settings)]),
+        (evt.EVT_CONN_OPEN, spool_stores, [archive, settings.dicom]),
         (evt.EVT_CONN_CLOSE, _on_close),
+        (evt.EVT_CONN_CLOSE, drop_unfinished),
         (evt.EVT_REQUESTED, _log_request, [settings]),
         (evt.EVT_C_STORE, handle_store, [archive, settings.dicom]),
         (evt.EVT_C_FIND, handle_find, [settings, archive.session_factory]),

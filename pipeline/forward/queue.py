@@ -9,6 +9,12 @@ A round *claims* the due jobs of each destination by moving their ``next_attempt
 open, then records the outcomes. A second forwarder (another machine) therefore skips
 jobs in flight, and jobs of a forwarder that crashed mid-round become due again when
 the claim lapses: a C-STORE may be repeated, an object is never lost.
+
+Isolation: READ COMMITTED (PostgreSQL's default) is enough for any number of forwarders.
+The claim's ``SELECT ... FOR UPDATE SKIP LOCKED`` passes over rows another forwarder is
+claiming, and a row it claimed is no longer due for the next statement's snapshot;
+:func:`record_outcomes` locks each job row before counting the attempt, so it cannot
+lose a concurrent ``--retry-now``. SQLite has one writer at a time and ignores the locks.
 """
 
 from __future__ import annotations
@@ -152,8 +158,11 @@ def enqueue_forwards(
         insert(ForwardJob)
         .values(rows)
         .on_conflict_do_nothing(index_elements=[ForwardJob.SOPInstanceUID, ForwardJob.destination_ae])
+        # RETURNING names the rows inserted (not those skipped); a multi-row INSERT's
+        # rowcount is -1 on PostgreSQL (psycopg), so it cannot be the count.
+        .returning(ForwardJob.id)
     )
-    created = session.execute(stmt).rowcount or 0
+    created = len(session.execute(stmt).all())
     if created:
         log.info("queued %s %s for %s", kind, sop_instance_uid, ", ".join(r["destination_ae"] for r in rows))
     return int(created)
@@ -226,7 +235,8 @@ def record_outcomes(
     """Count one attempt per outcome: delivered, or back off, or dead after the last."""
     now = now or utcnow()
     for outcome in outcomes:
-        job = session.get(ForwardJob, outcome.job_id)
+        # Locked: attempts is read and written back, and `forwards --retry-now` may reset it.
+        job = session.get(ForwardJob, outcome.job_id, with_for_update=True)
         if job is None or job.state != ForwardState.pending:
             continue  # deleted, or settled by another forwarder meanwhile
         job.attempts += 1

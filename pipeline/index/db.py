@@ -6,7 +6,9 @@ archive files (fsynced before the commit) are the record of truth after a power 
 :meth:`pipeline.archive.Archive.recover` re-indexes any file whose row was lost. Set
 ``RADTRIAGE_SQLITE_SYNCHRONOUS=FULL`` to fsync every commit as well. Write transactions
 start with ``BEGIN IMMEDIATE`` so two writers queue on the busy timeout instead of
-failing when one upgrades a read to a write. Nothing here emits
+failing when one upgrades a read to a write; the archive's instance writers (one per
+receiver process) queue on :mod:`pipeline.index.writer` first, which wakes the next
+one the moment the lock is free instead of after the busy handler's sleep. Nothing here emits
 SQLite-only SQL to the database a PostgreSQL URL names.
 """
 
@@ -19,10 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +116,42 @@ def alembic_config(url: str) -> Any:
     return cfg
 
 
+# pg_advisory_lock key taken while migrating: any fixed number; this one reads "radtriag".
+MIGRATION_LOCK_KEY = 0x7261647472696167
+
+
+@contextmanager
+def _migration_lock(url: str) -> Iterator[None]:
+    """Hold PostgreSQL's session advisory lock :data:`MIGRATION_LOCK_KEY` for the block.
+
+    Every process that starts (``radtriage serve``, ``worker``, the CLI) migrates first;
+    two of them on an empty database would otherwise both create the tables and one would
+    fail. The lock lives on its own autocommit connection, so Alembic's transaction is
+    untouched, and a process that dies releases it with its connection. SQLite needs no
+    lock: Alembic reads the version and migrates inside one ``BEGIN IMMEDIATE``
+    transaction, which already lets one writer at a time in.
+    """
+    if make_url(url).get_backend_name() != "postgresql":
+        yield
+        return
+    engine = create_index_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
 def migrate(url: str, revision: str = "head") -> None:
-    """Bring the index at ``url`` to ``revision`` (Alembic upgrade; idempotent)."""
+    """Bring the index at ``url`` to ``revision`` (Alembic upgrade; idempotent).
+
+    Safe to call from several processes at once: on PostgreSQL they take turns on an
+    advisory lock (:func:`_migration_lock`), on SQLite on the database's write lock.
+    """
     from alembic import command
 
     parsed = make_url(url)
@@ -123,7 +160,8 @@ def migrate(url: str, revision: str = "head") -> None:
     alembic_log = logging.getLogger("alembic")
     if alembic_log.level == logging.NOTSET:  # its INFO lines are noise in `radtriage serve`
         alembic_log.setLevel(logging.WARNING)
-    command.upgrade(alembic_config(url), revision)
+    with _migration_lock(url):
+        command.upgrade(alembic_config(url), revision)
     log.info("index %s is at revision %s", parsed.render_as_string(hide_password=True), revision)
 
 

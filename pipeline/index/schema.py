@@ -23,8 +23,9 @@ from sqlalchemy import (
     String,
     TypeDecorator,
     UniqueConstraint,
+    select,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 # Stable constraint names, so migrations work the same on SQLite and PostgreSQL.
 NAMING_CONVENTION = {
@@ -123,6 +124,20 @@ class Patient(Base):
 
 
 class Study(Base):
+    """One study and its place in the triage state machine.
+
+    Concurrent writers (receivers, the stability sweep, dispatchers, workers, the web
+    app; several processes and machines on PostgreSQL) all run at the database's default
+    isolation, READ COMMITTED on PostgreSQL; SQLite has one writer at a time anyway.
+    That is enough because every transaction that changes a study's state, counters or
+    worklist entry either does it in a single ``UPDATE`` whose ``WHERE`` states the
+    condition (PostgreSQL re-checks it against the latest committed row), or first
+    locks the study row with ``SELECT ... FOR UPDATE`` (:func:`lock_study`) and then
+    reads, decides and writes. Without the lock a late instance's return to
+    ``received`` could be overwritten by a dispatcher or worker that read the old
+    state, and two receivers adding series to one study would lose a count.
+    """
+
     __tablename__ = "study"
     __table_args__ = (Index("ix_study_state_last_received", "state", "last_received_at"),)
 
@@ -155,6 +170,14 @@ class Study(Base):
         if self.state != state:
             self.state = state
             self.state_changed_at = when or utcnow()
+
+
+def lock_study(session: Session, **where: object) -> Study | None:
+    """The study matching ``where`` (``id=`` or ``StudyInstanceUID=``), its row locked
+    until the transaction ends (``FOR UPDATE``; SQLite's write lock already is one)."""
+    # populate_existing: what the session loaded before the lock may be out of date.
+    query = select(Study).filter_by(**where).with_for_update().execution_options(populate_existing=True)
+    return session.scalars(query).one_or_none()
 
 
 class Series(Base):

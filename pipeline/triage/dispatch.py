@@ -9,6 +9,12 @@ If the Prefect API is down, studies stay ``stable`` and are dispatched when it i
 if the process dies between the API call and the commit, the next attempt reuses the
 same key and Prefect returns the same flow run: nothing lost, nothing twice.
 
+Isolation: READ COMMITTED (PostgreSQL's default), with several dispatchers (one per
+receiver host) on one index. Recording a run locks the study row first (see
+:class:`~pipeline.index.schema.Study`): a dispatcher that finds the revision already
+recorded by another leaves it (same key, same flow run), and a late instance that
+reopened the study meanwhile is never overwritten with ``dispatched``.
+
 This is the only module of :mod:`pipeline` that imports Prefect.
 """
 
@@ -27,7 +33,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from pipeline.ai.findings import Priority
 from pipeline.index.db import session_scope
-from pipeline.index.schema import Study, StudyState, utcnow
+from pipeline.index.schema import Study, StudyState, lock_study, utcnow
 from pipeline.index.triage import AIResult, AIStatus, RunStatus, TriageRun, worklist_entry
 from pipeline.process.component import PollLoop
 from pipeline.triage.planning import (
@@ -176,7 +182,7 @@ class Dispatcher(PollLoop):
         with session_scope(self.session_factory) as session:
             now = utcnow()
             for item in planned:
-                study = session.get(Study, item.study_id)
+                study = lock_study(session, id=item.study_id)  # see Study: state read, then written
                 if study is None or study.state != StudyState.stable:
                     continue  # a late instance arrived since planning: it is planned again
                 revision = _next_revision(session, study.id)
@@ -239,8 +245,15 @@ class Dispatcher(PollLoop):
                 work_queue_name=work_queue_for(urgency.level),
             )
         with session_scope(self.session_factory) as session:
-            study = session.get(Study, item.study_id)
+            # Locked (see Study): a late instance may reopen the study meanwhile, and a
+            # second dispatcher (another receiver host) may have recorded this run.
+            study = lock_study(session, id=item.study_id)
             assert study is not None
+            if session.scalar(
+                select(TriageRun.id).where(TriageRun.study_id == study.id, TriageRun.revision == revision)
+            ):
+                log.info("study %s revision %d was dispatched by another dispatcher", study_uid, revision)
+                return False
             session.add(
                 TriageRun(
                     study_id=study.id,
@@ -277,7 +290,7 @@ def _next_revision(session: Session, study_id: int) -> int:
 def _dispatch_again(session: Session, study_uid: str) -> bool:
     """Put a dispatched study whose run died back to ``stable``, so the dispatcher runs it
     again under the next revision; ``False`` when it has moved on meanwhile."""
-    study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
+    study = lock_study(session, StudyInstanceUID=study_uid)
     if study is None or study.state != StudyState.dispatched:
         return False
     study.set_state(StudyState.stable)

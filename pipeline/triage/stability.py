@@ -4,6 +4,12 @@
 A late instance moves it back to ``received`` (see :mod:`pipeline.archive.ingest`), so
 the sweep picks it up again once it is quiet. State lives in the index, so it survives
 restarts; the sweep is idempotent and safe to run from several processes.
+
+Isolation: READ COMMITTED (PostgreSQL's default). The sweep locks the quiet studies
+with ``FOR UPDATE SKIP LOCKED`` (a study a receiver or another sweep holds is left for
+the next round) and repeats the quiet condition in its ``UPDATE``, which PostgreSQL
+re-checks against the latest committed row: an instance committed meanwhile keeps
+its study ``received``.
 """
 
 from __future__ import annotations

@@ -7,6 +7,12 @@ retried task or a re-run flow creates nothing twice.
 A busy or locked index, a lost database connection and a full disk are
 :class:`~pipeline.errors.TransientError` (see :func:`transient_resources`): the flow
 retries the step with backoff instead of marking the study AI failed.
+
+Isolation: READ COMMITTED (PostgreSQL's default) is what the steps need, with workers on
+several machines and receivers writing the same studies: each step that writes locks
+the study row first (``_study(..., lock=True)``, see :class:`~pipeline.index.schema.Study`),
+so a late instance's reopening and a step's "still the dispatched revision?" check take
+turns; a deadlock or serialization failure is transient and the step is retried.
 """
 
 from __future__ import annotations
@@ -62,8 +68,11 @@ def transient_resources(step: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def _study(session, study_uid: str) -> Study:
-    study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
+def _study(session, study_uid: str, *, lock: bool = False) -> Study:
+    """The study; with ``lock``, its row locked until commit, for a transaction that reads
+    its state and writes from it (see :class:`~pipeline.index.schema.Study`)."""
+    query = select(Study).where(Study.StudyInstanceUID == study_uid)
+    study = session.scalar(query.with_for_update() if lock else query)
     if study is None:
         raise PermanentError(f"study {study_uid} is not in the index")
     return study
@@ -76,7 +85,7 @@ def begin_run(rt: Runtime, study_uid: str, revision: int, flow_run_id: str = "")
     from pipeline.index.db import session_scope
 
     with session_scope(rt.session_factory) as session:
-        study = _study(session, study_uid)
+        study = _study(session, study_uid, lock=True)
         run = session.scalar(select(TriageRun).where(TriageRun.study_id == study.id, TriageRun.revision == revision))
         now = utcnow()
         if run is None:  # the flow was called directly (tests, a notebook), not dispatched: record it anyway
@@ -166,7 +175,7 @@ def store_results(rt: Runtime, study_uid: str, revision: int, result_path: Path)
     rt.archive.store_dataset(sr, derived=True)
     t2 = time.perf_counter()
     with session_scope(rt.session_factory) as session:
-        study = _study(session, study_uid)
+        study = _study(session, study_uid, lock=True)  # get-or-create rows of this study
         row = _result_row(session, study, revision, result.model.name, result.model.version)
         row.SourceSeriesInstanceUID = result.series_instance_uid
         row.SegSOPInstanceUID = uids.seg_sop
@@ -228,7 +237,7 @@ def record_failure(rt: Runtime, study_uid: str, revision: int, model_name: str, 
     from pipeline.index.db import session_scope
 
     with session_scope(rt.session_factory) as session:
-        row = _result_row(session, _study(session, study_uid), revision, model_name, model_version)
+        row = _result_row(session, _study(session, study_uid, lock=True), revision, model_name, model_version)
         row.ok, row.error = False, error[:2000]
 
 
@@ -245,7 +254,7 @@ def finish_run(
     from pipeline.index.db import session_scope
 
     with session_scope(rt.session_factory) as session:
-        study = _study(session, study_uid)
+        study = _study(session, study_uid, lock=True)  # its state decides the outcome below
         session.execute(
             update(AIResult)
             .where(AIResult.study_id == study.id, AIResult.revision < revision, AIResult.superseded.is_(False))

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from pipeline.ai.findings import Priority
 from pipeline.errors import RadtriageError
 from pipeline.index.db import session_scope
-from pipeline.index.schema import Instance, Patient, Series, SeriesOrigin, Study, utcnow
+from pipeline.index.schema import Instance, Patient, Series, SeriesOrigin, Study, lock_study, utcnow
 from pipeline.index.triage import (
     AIResult,
     AIStatus,
@@ -376,7 +376,7 @@ def read_action(read: bool) -> str:
 
 
 def _entry_for_update(session: Session, study_uid: str) -> WorklistEntry:
-    study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
+    study = lock_study(session, StudyInstanceUID=study_uid)  # the entry may be created below
     if study is None:
         raise StudyNotFound(f"no study {study_uid} in the index")
     # The flow may not have written one yet: create the row it will update (AI pending).

@@ -6,7 +6,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,26 @@ from pipeline.lab.synth import synth_study
 from tests.peers.radtriage import ServeProcess  # noqa: F401 - the serve harness the core tests import from here
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+class _ChildEnv(Mapping[str, str]):
+    """The environment for dcmtk and ``radtriage`` children: ours *as it is now* (the
+    index switch sets ``RADTRIAGE_INDEX__URL`` per test) with ``TCP_NODELAY=1``."""
+
+    def _now(self) -> dict[str, str]:
+        return {**os.environ, "TCP_NODELAY": "1"}
+
+    def __getitem__(self, key: str) -> str:
+        return self._now()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._now())
+
+    def __len__(self) -> int:
+        return len(self._now())
+
+
+ENV: Mapping[str, str] = _ChildEnv()
 HOST = "127.0.0.1"
 
 

@@ -27,6 +27,7 @@ from tests.core.conftest import (
     storescu,
     write_config,
 )
+from tests.peers.radtriage import index_url
 
 pytestmark = pytest.mark.slow  # a receiver on loopback and dcmtk peers
 
@@ -163,7 +164,7 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
     wrapper = _mount_namespace_wrapper(data_dir, "1m")
     if wrapper is None:
         pytest.skip("unshare(1) is not installed (util-linux); cannot make a small file system")
-    config = write_config(tmp_path / "radtriage.toml", data_dir, index_url=f"sqlite:///{tmp_path / 'index.sqlite'}")
+    config = write_config(tmp_path / "radtriage.toml", data_dir, index_url=index_url(tmp_path))
     server = ServeProcess(config, wrap=lambda cmd: [*wrapper, *cmd]).start()
     try:
         from pipeline.lab.synth import synth_study
@@ -189,7 +190,7 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
     # (outside) lists exactly the acknowledged images.
     from pipeline.index.db import create_index_engine
 
-    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    engine = create_index_engine(index_url(tmp_path))
     with session_scope(engine, readonly=True) as session:
         assert session.scalar(select(func.count(Instance.id))) == stored
     engine.dispose()

@@ -279,6 +279,9 @@ def test_radtriage_audit_lists_the_queries_newest_first(server: Server, tmp_path
     config = tmp_path / "empty.toml"
     config.write_text("")
     env = {**ENV, "RADTRIAGE_STORAGE__DATA_DIR": str(server.archive.data_dir)}
+    env["RADTRIAGE_INDEX__URL"] = server.archive.engine.url.render_as_string(
+        hide_password=False
+    )  # the module's installation, on either index
     env.pop("RADTRIAGE_CONFIG", None)
     cli = [sys.executable, "-m", "pipeline", "--config", str(config), "audit", "--who", "WS1", "--limit", "2"]
     listed = subprocess.run([*cli, "--json"], env=env, capture_output=True, text=True, timeout=60)

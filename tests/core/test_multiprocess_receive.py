@@ -28,6 +28,7 @@ from pipeline.index.db import create_index_engine, session_scope
 from pipeline.index.schema import Instance
 from pipeline.lab.synth import synth_study
 from tests.core.conftest import ENV, HOST, ServeProcess, dataset_bytes, echoscu, write_config
+from tests.peers.radtriage import index_url
 
 SENDERS = 4
 SLICES = 60  # per study: 4 x 60 images of 256 x 256
@@ -140,7 +141,7 @@ def test_kill_9_one_receiver_process_mid_send(tmp_path: Path) -> None:
     studies = _studies(tmp_path / "images")
     data_dir = tmp_path / "data"
     server = _serve(tmp_path, data_dir)
-    engine = create_index_engine(f"sqlite:///{data_dir / 'index.sqlite'}")
+    engine = create_index_engine(index_url(data_dir))
     try:
         senders = _send_all(server.port, studies)
         _wait_indexed(engine, 40, senders)
@@ -178,7 +179,7 @@ def test_kill_9_whole_service_mid_send(tmp_path: Path) -> None:
     studies = _studies(tmp_path / "images")
     data_dir = tmp_path / "data"
     server = _serve(tmp_path, data_dir)
-    engine = create_index_engine(f"sqlite:///{data_dir / 'index.sqlite'}")
+    engine = create_index_engine(index_url(data_dir))
     senders = _send_all(server.port, studies)
     _wait_indexed(engine, 40, senders)
     workers = list(_worker_pids(server).values())
@@ -234,7 +235,7 @@ def test_same_instance_through_two_processes_is_stored_once(tmp_path: Path) -> N
     variants[1].ImageComments = "x" * 4000  # the same instance, other bytes
     data_dir = tmp_path / "data"
     server = _serve(tmp_path, data_dir)
-    engine = create_index_engine(f"sqlite:///{data_dir / 'index.sqlite'}")
+    engine = create_index_engine(index_url(data_dir))
     associations = _associations_in_two_processes(server, variants[0].SOPClassUID)
     try:
         for round_ in range(15):

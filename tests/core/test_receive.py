@@ -131,3 +131,52 @@ def test_parallel_associations_into_one_new_study(receiver: Receiver, study_file
         assert study.NumberOfStudyRelatedSeries == 1
         assert session.scalar(select(func.count(Instance.id))) == len(study_files)
         assert session.scalar(select(func.count(Series.id))) == 1
+
+
+def test_a_send_aborted_mid_dataset_leaves_no_file(receiver: Receiver, tmp_path: Path) -> None:
+    """The dataset is written to a temp file while its PDUs arrive; a sender that aborts
+    halfway leaves neither that file nor an index row."""
+    import time
+    from io import BytesIO
+
+    import pydicom
+    from pynetdicom import AE
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from pipeline.archive.store import encode_dataset
+    from pipeline.lab.synth import synth_study
+    from tests.core.conftest import HOST
+
+    ds = pydicom.dcmread(synth_study(tmp_path / "big", seed=3, slices=1, rows=512, cols=512)[0])
+    syntax = pydicom.uid.ExplicitVRLittleEndian
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(ds.SOPClassUID, syntax)
+    assoc = ae.associate(HOST, receiver.port, ae_title="RADTRIAGE")
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID, request.Priority = 1, 2
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    request.DataSet = BytesIO(encode_dataset(ds, syntax))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    pdus = list(message.encode_msg(assoc.accepted_contexts[0].context_id, 16384))
+    for pdu in pdus[: len(pdus) // 2]:
+        assoc.dul.send_pdu(pdu)
+    incoming = receiver.archive.incoming_dir
+    deadline = time.monotonic() + 10
+    while not list(incoming.iterdir()):  # half the dataset is in: being written already
+        assert time.monotonic() < deadline, "nothing was written while the dataset arrived"
+        time.sleep(0.01)
+    assoc.abort()
+    deadline = time.monotonic() + 10
+    while list(incoming.iterdir()):
+        assert time.monotonic() < deadline, f"the aborted send left {list(incoming.iterdir())}"
+        time.sleep(0.01)
+    assert not [p for p in (receiver.archive.data_dir / "files").rglob("*") if p.is_file()]
+    with session_scope(receiver.archive.session_factory, readonly=True) as session:
+        assert session.scalar(select(func.count(Instance.id))) == 0
+    # and the same instance sent whole afterwards is stored
+    assert statuses(
+        storescu(receiver.port, *synth_study(tmp_path / "again", seed=3, slices=1, rows=512, cols=512))
+    ) == [0]

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 from pathlib import Path
 
 import pydicom
 import pytest
+from sqlalchemy import select
 
+from pipeline.index.db import create_index_engine
+from pipeline.index.schema import Study
+from pipeline.index.triage import AIResult
 from pipeline.lab.phantom.generator import volume_generator
 from pipeline.lab.synth import synth_study
 from tests.peers.orthanc import OrthancPeer
@@ -166,13 +169,16 @@ def test_a_late_instance_regenerates_the_results_and_supersedes_the_old(system, 
     studies = system.wait_for(regenerated, what="results regenerated after the late instance")
     [second] = entry(studies, study_uid)["results"]
     assert second["SRSOPInstanceUID"] != first["SRSOPInstanceUID"]
-    with sqlite3.connect(system.data_dir / "index.sqlite") as db:
+    engine = create_index_engine(system.index_url)  # SQLite or PostgreSQL (RADTRIAGE_TEST_INDEX)
+    with engine.connect() as db:
         rows = db.execute(
-            "SELECT r.revision, r.superseded, r.SegSOPInstanceUID FROM ai_result r JOIN study s ON s.id = r.study_id "
-            "WHERE s.StudyInstanceUID = ? ORDER BY r.revision",
-            (study_uid,),
-        ).fetchall()
-    assert rows == [(1, 1, first["SegSOPInstanceUID"]), (2, 0, second["SegSOPInstanceUID"])]
+            select(AIResult.revision, AIResult.superseded, AIResult.SegSOPInstanceUID)
+            .join(Study, Study.id == AIResult.study_id)
+            .where(Study.StudyInstanceUID == study_uid)
+            .order_by(AIResult.revision)
+        ).all()
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [(1, 1, first["SegSOPInstanceUID"]), (2, 0, second["SegSOPInstanceUID"])]
     # Both generations stay in the archive: superseded objects are kept, not deleted.
     archived_file(system, first["SegSOPInstanceUID"])
     archived_file(system, second["SegSOPInstanceUID"])

@@ -36,12 +36,18 @@ def _runtime_with_study(flow_settings, tmp_path: Path, monkeypatch: pytest.Monke
     return runtime, str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
 
 
+SQLITE_LOCK = pytest.mark.sqlite_only(
+    reason="holds SQLite's write lock; on PostgreSQL writers wait on row locks, there is no busy timeout"
+)
+
+
 def _hold_write_lock(runtime: Runtime) -> sqlite3.Connection:
     holder = sqlite3.connect(runtime.engine.url.database, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")  # the write lock, as a long writer elsewhere holds it
     return holder
 
 
+@SQLITE_LOCK
 def test_a_locked_index_is_a_transient_error(flow_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     runtime, study_uid = _runtime_with_study(flow_settings, tmp_path, monkeypatch)
     holder = _hold_write_lock(runtime)
@@ -67,6 +73,7 @@ def test_a_full_disk_is_a_transient_error_and_other_os_errors_are_not() -> None:
         steps.transient_resources(missing)()
 
 
+@SQLITE_LOCK
 @pytest.mark.slow
 def test_the_flow_retries_while_the_index_is_locked_and_the_study_is_not_failed(
     prefect_server, flow_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -28,6 +28,15 @@ REPO = Path(__file__).resolve().parents[2]
 RADTRIAGE = [sys.executable, "-m", "pipeline"]
 
 
+def index_url(data_dir: Path) -> str:
+    """The index an installation with ``data_dir`` and no ``[index] url`` uses, as
+    radtriage itself works it out: SQLite in ``data_dir``, or the test's PostgreSQL
+    database under ``RADTRIAGE_TEST_INDEX=postgresql`` (``RADTRIAGE_INDEX__URL``)."""
+    from pipeline.config import Settings
+
+    return Settings(storage={"data_dir": Path(data_dir)}).index_url
+
+
 class ServeProcess:
     """``radtriage serve`` as a real child process, optionally inside a prefix command.
 
@@ -193,6 +202,12 @@ class RadtriageServer(ServeProcess):
     @property
     def data_dir(self) -> Path:
         return self.folder / "data"
+
+    @property
+    def index_url(self) -> str:
+        """This installation's index: the one its environment names, else SQLite in its
+        data folder (what the server itself works out)."""
+        return self.env.get("RADTRIAGE_INDEX__URL") or f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run a ``radtriage`` command against this installation."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pydicom.uid import generate_uid
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.ai.findings import Priority
@@ -135,6 +135,13 @@ def seed_rows(session_factory: sessionmaker[Session], specs: list[RowSpec], pref
         for model, rows in ((WorklistEntry, entries), (TriageRun, runs)):
             for start in range(0, len(rows), 5000):
                 session.execute(insert(model), rows[start : start + 5000])
+        if session.get_bind().dialect.name == "postgresql":
+            # The ids above were given, not drawn: move the sequences past them, as the
+            # archive's own inserts draw from them afterwards (SQLite takes max(id) + 1).
+            for name in ("patient", "study", "series"):
+                session.execute(
+                    text(f"SELECT setval(pg_get_serial_sequence('{name}', 'id'), (SELECT max(id) FROM {name}))")
+                )
     return seeded
 
 

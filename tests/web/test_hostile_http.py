@@ -381,6 +381,7 @@ def test_password_change_ends_old_sessions(hostile: Hostile, tmp_path: Path) -> 
         config = tmp_path / "radtriage.toml"
         config.write_text("")
         env = {**os.environ, "RADTRIAGE_STORAGE__DATA_DIR": str(hostile.settings.storage.data_dir)}
+        env["RADTRIAGE_INDEX__URL"] = hostile.settings.index_url  # the module's installation
         env.pop("RADTRIAGE_CONFIG", None)
         changed = subprocess.run(
             [sys.executable, "-m", "pipeline", "--config", str(config), "user", "add", "frank", "--password-stdin"],

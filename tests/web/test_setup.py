@@ -31,6 +31,7 @@ def test_migration_0003_creates_exactly_the_web_tables(tmp_path: Path) -> None:
 
 def test_cli_user_add_then_basic_login(web: WebEnv, tmp_path: Path) -> None:
     env = {**os.environ, "RADTRIAGE_STORAGE__DATA_DIR": str(web.settings.storage.data_dir)}
+    env["RADTRIAGE_INDEX__URL"] = web.settings.index_url  # the session's installation, on either index
     env.pop("RADTRIAGE_CONFIG", None)
     config = tmp_path / "radtriage.toml"
     config.write_text("")

@@ -44,8 +44,14 @@ def _last_audit_id(web: WebEnv) -> int:
 
 
 def _index_bytes(web: WebEnv) -> bytes:
-    folder = Path(web.settings.storage.data_dir)
-    return b"".join(p.read_bytes() for p in folder.glob("*.sqlite*"))
+    """Everything the index holds: SQLite's files, or every row of every table."""
+    if web.settings.index_url.startswith("sqlite"):
+        folder = Path(web.settings.storage.data_dir)
+        return b"".join(p.read_bytes() for p in folder.glob("*.sqlite*"))
+    from pipeline.index.schema import Base
+
+    with web.archive.engine.connect() as connection:
+        return repr([connection.execute(table.select()).all() for table in Base.metadata.sorted_tables]).encode()
 
 
 @pytest.mark.slow  # the web server
@@ -173,6 +179,7 @@ def test_cli_token_create_list_revoke(
     web: WebEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("RADTRIAGE_STORAGE__DATA_DIR", str(web.settings.storage.data_dir))
+    monkeypatch.setenv("RADTRIAGE_INDEX__URL", web.settings.index_url)  # the session's installation
     monkeypatch.delenv("RADTRIAGE_CONFIG", raising=False)
     config = tmp_path / "radtriage.toml"
     config.write_text("")
