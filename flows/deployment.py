@@ -1,7 +1,8 @@
 """The ``triage-study`` deployment, its work queues and the inference concurrency limit.
 
 ``radtriage serve`` (and ``radtriage worker``) register them at start; ``prefect.yaml``
-defines the same deployment for a Prefect work pool on other machines. The deployment
+defines the same deployment for ``prefect deploy`` and Prefect's process worker
+(``tests/cluster/test_cluster.py`` runs both; registering again keeps its pull step). The deployment
 lives in the work pool ``[triage] work_pool`` with one work queue per urgency
 (critical, urgent, routine: Prefect's queue priorities 1, 2, 3); the dispatcher puts
 each flow run in the queue of its study's urgency.

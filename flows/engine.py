@@ -1,10 +1,25 @@
 """Prefect beyond its plain client API, in one place, pinned and tested.
 
 radtriage executes flow runs in its own long-lived process (models stay in memory),
-which Prefect's public API does not offer: its runners start a fresh process per run.
-The two calls that need Prefect's internals live here, written against the Prefect
-version pinned exactly in ``pyproject.toml``; ``tests/flow/test_engine.py`` fails when
-an upgrade makes any of them ineffective.
+which no interface Prefect 3 documents as supported offers (checked for 3.9.1):
+
+- ``flow.serve()`` and ``prefect worker start`` (the process worker) start a fresh
+  Python process per flow run: torch and every model load again for each study;
+  served deployments are not in a work pool, so there are no queue priorities either.
+- A custom worker type (``prefect.workers.base.BaseWorker``) still has to execute the
+  run itself in ``run()``: in this process that is ``run_flow`` again, under an async
+  poller that claims runs without our inference gate (an urgent study arriving later
+  would wait behind runs already claimed).
+- Task workers (``task.serve()``, ``.delay()``) keep a process warm but have no work
+  queues or priorities, no flow run per study, no idempotency key for the dispatcher
+  and nothing that re-runs the task of a worker killed with ``kill -9``.
+- The client API alone would mean re-implementing the engine (states, task runs,
+  logs, retries) by hand.
+
+So the two calls that need Prefect's internals live here, written against the Prefect
+version pinned exactly in ``pyproject.toml`` and ``constraints.txt``;
+``tests/flow/test_engine.py`` pins their signatures and the behaviour relied on, and
+fails when an upgrade changes either.
 
 =======================  ===============================================================
 :func:`run_flow_run`     execute a flow run the API scheduled, in this thread
@@ -127,7 +142,8 @@ def run_flow_run(flow: Flow[..., Any], flow_run: FlowRun) -> State[Any]:
     """Execute ``flow_run`` (claimed, Pending) in this thread; return its final state.
 
     The engine proposes Running, runs ``flow`` with the run's parameters and records the
-    final state, exactly as it would in a runner's subprocess.
+    final state, exactly as it would in a runner's subprocess. It does not check the
+    claim: hand it only a run :func:`claim_flow_run` won, or it runs twice.
     """
     return run_flow(flow, flow_run=flow_run, return_type="state")  # type: ignore[return-value]
 

@@ -12,22 +12,25 @@ On an association where :func:`enable` was called:
   :func:`pipeline.dicom.substore.prepare` yields when the peer accepted the instance's
   stored transfer syntax) reads the archived file's dataset (everything after the File
   Meta Information) straight into the PDUs' buffer, with no decoding: the peer gets the
-  very bytes that were received. Anything else goes the normal way;
+  very bytes that were received. Its response is read and decoded in the same thread
+  (a :class:`pipeline.dicom.lease.Lease` on the socket), not handed over by the DUL
+  thread; what that thread cannot take goes back to pynetdicom. Anything else goes the
+  normal way;
 * ``dimse.send_msg`` encodes the command set of C-STORE-RQ/RSP and C-FIND/C-GET/C-MOVE-RSP
-  by hand (:func:`encode_command`, byte-equal to pynetdicom's) and sends command and
-  dataset together. Other messages, and every message while pynetdicom's logger is at
-  DEBUG (its standard handlers then log each PDU and message), go the normal way;
+  by hand and sends command and dataset together. Other messages, and every message
+  while pynetdicom's logger is at DEBUG (its standard handlers then log each PDU and
+  message), go the normal way;
 * a C-FIND response identifier that :mod:`pipeline.dicom.identifier` encoded
   (:class:`EncodedIdentifier`) is sent as those bytes (``pynetdicom.service_class.encode``
   passes every other dataset to pydicom);
 * ``dimse.get_msg`` gives a C-STORE's response only to the thread that sent it
   (:func:`_get_msg`), in place of pynetdicom's racy pause of the association's reactor.
 
-A message is written to the socket by the thread that sends it (:func:`_write`), in one
-``sendall`` under the tuned socket's send lock, when the DUL has nothing queued; else it
-is queued as one ``P_DATA`` primitive (:class:`EncodedPData`) that passes the state
-machine once. Each PDU holds one PDV, of at most the peer's maximum PDU length (0,
-unlimited: :data:`UNLIMITED_FRAGMENT`) less its 6-byte header, rounded down to even.
+The bytes (command sets, PDUs, the C-STORE-RSP) are :mod:`pipeline.dicom.wire`'s, each
+byte-equal to pynetdicom's. A message is written to the socket by the thread that sends
+it (:func:`_write`), in one ``sendall`` under the tuned socket's send lock, when the DUL
+has nothing queued; else it is queued as one ``P_DATA`` primitive (:class:`EncodedPData`)
+that passes the state machine once.
 
 Like :mod:`pipeline.dicom.tuning`, written against pynetdicom 3.0.4; with another layout
 :func:`enable` leaves the association untouched and says so with a WARNING. It also
@@ -38,13 +41,11 @@ process unless its logger is at DEBUG: pynetdicom formats every identifier for t
 from __future__ import annotations
 
 import logging
-import os
-import struct
 import threading
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pynetdicom.fsm
 import pynetdicom.service_class
@@ -52,15 +53,22 @@ from pydicom import config, dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pynetdicom import _config, _handlers, evt
-from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
+from pipeline.dicom import lease
 from pipeline.dicom.tuning import _LowLatencySocket, _skipped
+from pipeline.dicom.wire import (
+    NotAsStored,
+    decode_store_response,
+    encode_command,
+    encode_pdus,
+    file_pdus,
+    store_request,
+)
 
 log = logging.getLogger(__name__)
 
-UNLIMITED_FRAGMENT = 4 * 1024 * 1024  # PDV bytes per PDU when the peer sets no maximum
 _ATTRIBUTE = "_radtriage_fast_send"
 
 
@@ -82,189 +90,6 @@ class StoredFile(Dataset):
 
 
 _SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
-
-
-def read_file_meta(f: BinaryIO) -> tuple[int, str] | None:
-    """Where the dataset of a Part 10 file starts and its Transfer Syntax UID, from the
-    File Meta Information's group length; ``None`` when the file has none (or is not
-    Part 10), for the caller to take the normal path. Leaves ``f`` at the dataset."""
-    head = f.read(144)
-    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
-        return None
-    (group_length,) = struct.unpack_from("<I", head, 140)
-    meta = f.read(group_length)
-    pos, syntax = 0, None
-    while pos + 8 <= len(meta):
-        group, element = struct.unpack_from("<HH", meta, pos)
-        vr = meta[pos + 4 : pos + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR"):
-            (length,) = struct.unpack_from("<I", meta, pos + 8)
-            start = pos + 12
-        else:
-            (length,) = struct.unpack_from("<H", meta, pos + 6)
-            start = pos + 8
-        if group != 0x0002 or start + length > len(meta):
-            return None
-        if element == 0x0010:
-            syntax = meta[start : start + length].rstrip(b"\0 ").decode("ascii", "replace")
-        pos = start + length
-    if syntax is None or pos != group_length:
-        return None
-    return 144 + group_length, syntax
-
-
-# -- command sets -----------------------------------------------------------------------
-
-# (element of group 0000, primitive attribute, VR) in tag order, per message.
-_RSP_FIELDS = [
-    (0x0002, "AffectedSOPClassUID", "UI"),
-    (0x0100, None, "US"),  # CommandField
-    (0x0120, "MessageIDBeingRespondedTo", "US"),
-    (0x0800, None, "US"),  # CommandDataSetType
-    (0x0900, "Status", "US"),
-    (0x0901, "OffendingElement", "AT"),
-    (0x0902, "ErrorComment", "LO"),
-]
-_SUBOPERATIONS = [
-    (0x1020, "NumberOfRemainingSuboperations", "US"),
-    (0x1021, "NumberOfCompletedSuboperations", "US"),
-    (0x1022, "NumberOfFailedSuboperations", "US"),
-    (0x1023, "NumberOfWarningSuboperations", "US"),
-]
-_MESSAGES: dict[tuple[type, bool], tuple[int, list[tuple[int, str | None, str]], str | None]] = {
-    # (primitive class, is a response): (CommandField, fields, dataset attribute)
-    (C_STORE, False): (
-        0x0001,
-        [
-            (0x0002, "AffectedSOPClassUID", "UI"),
-            (0x0100, None, "US"),
-            (0x0110, "MessageID", "US"),
-            (0x0700, "Priority", "US"),
-            (0x0800, None, "US"),
-            (0x1000, "AffectedSOPInstanceUID", "UI"),
-            (0x1030, "MoveOriginatorApplicationEntityTitle", "AE"),
-            (0x1031, "MoveOriginatorMessageID", "US"),
-        ],
-        "DataSet",
-    ),
-    (C_STORE, True): (0x8001, [*_RSP_FIELDS, (0x1000, "AffectedSOPInstanceUID", "UI")], None),
-    (C_FIND, True): (0x8020, _RSP_FIELDS, "Identifier"),
-    (C_GET, True): (0x8010, _RSP_FIELDS + _SUBOPERATIONS, "Identifier"),
-    (C_MOVE, True): (0x8021, _RSP_FIELDS + _SUBOPERATIONS, "Identifier"),
-}
-
-
-def _element(element: int, vr: str, value: Any) -> bytes | None:
-    if vr == "US":
-        data = struct.pack("<H", int(value))
-    elif vr in ("UI", "AE", "LO"):
-        data = str(value).encode("ascii")
-        if len(data) % 2:
-            data += b"\0" if vr == "UI" else b" "
-    else:  # AT (a list of tags): rare, failures only; pynetdicom encodes those
-        return None
-    return struct.pack("<HHI", 0, element, len(data)) + data
-
-
-def encode_command(primitive: Any) -> tuple[bytes, bytes | None] | None:
-    """The Implicit VR Little Endian command set of a C-STORE-RQ/RSP or C-FIND/C-GET/C-MOVE-RSP
-    primitive, and its encoded dataset (``None``: none); ``None`` for another message."""
-    spec = _MESSAGES.get((type(primitive), primitive.MessageIDBeingRespondedTo is not None))
-    if spec is None:
-        return None
-    command_field, fields, dataset_attribute = spec
-    dataset = getattr(primitive, dataset_attribute) if dataset_attribute else None
-    parts = []
-    for element, attribute, vr in fields:
-        if attribute is None:
-            value: Any = command_field if element == 0x0100 else (0x0101 if dataset is None else 0x0001)
-        else:
-            value = getattr(primitive, attribute)
-            if value is None:
-                continue
-        encoded = _element(element, vr, value)
-        if encoded is None:
-            return None
-        parts.append(encoded)
-    body = b"".join(parts)
-    command = struct.pack("<HHII", 0, 0, 4, len(body)) + body
-    return command, (dataset.getvalue() if dataset is not None else None)
-
-
-# -- PDUs -------------------------------------------------------------------------------
-
-
-def fragment_length(max_pdu: int) -> int:
-    """The PDV bytes per PDU for a peer's maximum PDU length (0: unlimited)."""
-    if max_pdu == 0:
-        return UNLIMITED_FRAGMENT
-    return min(UNLIMITED_FRAGMENT, (max_pdu - 6) & ~1)
-
-
-def _layout(context_id: int, command: bytes, data_length: int, max_pdu: int) -> tuple[bytearray, list[tuple[int, int]]]:
-    """A buffer with every PDU's headers and the command set in place, and the
-    ``(offset, length)`` of each dataset fragment in it, still to be filled."""
-    size = fragment_length(max_pdu)
-    pieces = [(command[i : i + size], True) for i in range(0, len(command), size)]
-    data_fragments = [min(size, data_length - i) for i in range(0, data_length, size)]
-    total = sum(12 + len(p) for p, _ in pieces) + sum(12 + n for n in data_fragments)
-    buffer = bytearray(total)
-    pos = 0
-    slots: list[tuple[int, int]] = []
-
-    def header(length: int, control: int) -> None:
-        nonlocal pos
-        struct.pack_into(">BBLLBB", buffer, pos, 0x04, 0, length + 6, length + 2, context_id, control)
-        pos += 12
-
-    for i, (piece, _) in enumerate(pieces):
-        header(len(piece), 0x03 if i == len(pieces) - 1 else 0x01)
-        buffer[pos : pos + len(piece)] = piece
-        pos += len(piece)
-    for i, n in enumerate(data_fragments):
-        header(n, 0x02 if i == len(data_fragments) - 1 else 0x00)
-        slots.append((pos, n))
-        pos += n
-    return buffer, slots
-
-
-def encode_pdus(context_id: int, command: bytes, dataset: bytes | None, max_pdu: int) -> bytearray:
-    """Command set and dataset as P-DATA-TF PDUs, one PDV each (PS3.8 9.3.5, E.2)."""
-    data = dataset or b""
-    buffer, slots = _layout(context_id, command, len(data), max_pdu)
-    at = 0
-    for pos, n in slots:
-        buffer[pos : pos + n] = data[at : at + n]
-        at += n
-    return buffer
-
-
-class NotAsStored(Exception):
-    """The file is not what the index says (another transfer syntax, no group length)."""
-
-
-def file_pdus(context_id: int, command: bytes, stored: StoredFile, max_pdu: int) -> bytearray:
-    """The PDUs of a C-STORE-RQ whose dataset is read from the archived file, no copy between.
-
-    Raises :class:`NotAsStored` when the file's File Meta Information does not say the
-    transfer syntax the index has, or cannot be read quickly (the caller sends it the
-    normal way), :class:`OSError` when it cannot be read.
-    """
-    with open(stored.stored_path, "rb") as f:
-        meta = read_file_meta(f)
-        if meta is None or meta[1] != stored.stored_syntax:
-            raise NotAsStored(str(stored.stored_path))
-        length = os.fstat(f.fileno()).st_size - meta[0]
-        buffer, slots = _layout(context_id, command, length, max_pdu)
-        with memoryview(buffer) as view:
-            for pos, n in slots:
-                got = 0
-                while got < n:
-                    read = f.readinto(view[pos + got : pos + n])
-                    if not read:
-                        raise OSError(f"{stored.stored_path} ended while being sent (changed on disk?)")
-                    got += read
-    return buffer
 
 
 class EncodedPData(P_DATA):
@@ -344,26 +169,6 @@ def _context_id(assoc: Any, sop_class: str, syntax: str) -> int | None:
     return cache[key]  # type: ignore[no-any-return]
 
 
-def store_request(
-    msg_id: int, priority: int, sop_class: str, sop_instance: str, originator_aet: str | None, originator_id: int | None
-) -> bytes:
-    """The command set of a C-STORE-RQ with a dataset (as pynetdicom encodes it)."""
-    fields = [
-        _element(0x0002, "UI", sop_class),
-        _element(0x0100, "US", 0x0001),
-        _element(0x0110, "US", msg_id),
-        _element(0x0700, "US", priority),
-        _element(0x0800, "US", 0x0001),
-        _element(0x1000, "UI", sop_instance),
-    ]
-    if originator_aet is not None:
-        fields.append(_element(0x1030, "AE", originator_aet))
-    if originator_id is not None:
-        fields.append(_element(0x1031, "US", originator_id))
-    body = b"".join(f for f in fields if f is not None)
-    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
-
-
 def _send_c_store(
     assoc: Any,
     original: Any,
@@ -373,10 +178,12 @@ def _send_c_store(
     originator_aet: str | None = None,
     originator_id: int | None = None,
 ) -> Dataset:
+    if not assoc.is_established or assoc.dul.state_machine.current_state != "Sta6":
+        # Also when the peer's A-ABORT has been handled but the reactor has not yet said
+        # so (``is_established``): pynetdicom would send and wait out the DIMSE timeout.
+        raise RuntimeError("The association with a peer SCP must be established before sending a C-STORE request")
     if not isinstance(dataset, StoredFile):
         return _guarded(assoc, original, dataset, msg_id, priority, originator_aet, originator_id)
-    if not assoc.is_established:
-        raise RuntimeError("The association with a peer SCP must be established before sending a C-STORE request")
     sop_class, sop_instance = str(dataset.SOPClassUID), str(dataset.SOPInstanceUID)
     cx_id = _context_id(assoc, sop_class, dataset.stored_syntax)
     command = store_request(msg_id, priority, sop_class, sop_instance, originator_aet, originator_id)
@@ -387,17 +194,65 @@ def _send_c_store(
     except NotAsStored:  # pynetdicom converts between the uncompressed syntaxes, or refuses
         full = dcmread(dataset.stored_path)
         return _guarded(assoc, original, full, msg_id, priority, originator_aet, originator_id)
+    held = lease.take(assoc)  # taken before the request goes: its response may come at once
     setattr(assoc, _OWNER, threading.get_ident())
     try:
         if not _write(assoc, pdus):
             raise OSError(f"the connection to the peer closed while sending {sop_instance}")
+        if held is not None:
+            try:
+                status = _read_response(held, msg_id, cx_id, sop_instance)
+            except TimeoutError:
+                held.end()
+                assoc._handle_no_response()  # the DIMSE timeout expired: pynetdicom aborts
+                return Dataset()
+            if status is not None:
+                return status
+            held.end(reserve=False)  # pynetdicom reads it, or learns what became of the association
         _, rsp = assoc.dimse.get_msg(block=True)
     finally:
+        if held is not None:
+            held.end()
         setattr(assoc, _OWNER, None)
     if rsp is None:  # the DIMSE timeout expired: pynetdicom aborts
         assoc._handle_no_response()
         return Dataset()
     return assoc._check_received_status(rsp)  # type: ignore[no-any-return]
+
+
+def _read_response(held: lease.Lease, msg_id: int, cx_id: int, sop_instance: str) -> Dataset | None:
+    """The status of the C-STORE-RSP read in this thread (as ``_check_received_status``
+    makes it), or ``None``: the lease ended without one, for pynetdicom's ``get_msg``."""
+    assoc = held.assoc
+    pdu = held.read_pdu(assoc.dimse_timeout)
+    if pdu is None:
+        return None
+    rsp = decode_store_response(pdu)
+    if rsp is None or rsp.message_id != msg_id or rsp.context_id != cx_id:
+        held.hand_back(pdu)  # another message, or one pynetdicom must judge
+        return None
+    held.end()
+    status = Dataset()
+    status[_STATUS] = DataElement(_STATUS, "US", rsp.status)
+    if rsp.offending_element is not None:
+        status.OffendingElement = list(rsp.offending_element)
+    if rsp.error_comment is not None:
+        status.ErrorComment = rsp.error_comment
+    observer = getattr(assoc, _OBSERVER, None)
+    if observer is not None:
+        observer(rsp.sop_instance_uid or sop_instance, rsp.status)
+    return status
+
+
+_STATUS = 0x00000900
+_OBSERVER = "_radtriage_store_observer"
+
+
+def observe_responses(assoc: Any, observer: Callable[[str, int], None] | None) -> None:
+    """Call ``observer(SOP Instance UID, status)`` for each C-STORE response read in the
+    sending thread (pynetdicom sees no message, so ``EVT_DIMSE_RECV`` is not triggered
+    for those); ``None`` stops it."""
+    setattr(assoc, _OBSERVER, observer)
 
 
 def _guarded(assoc: Any, original: Any, *args: Any) -> Dataset:
@@ -504,6 +359,7 @@ def enable(assoc: Any) -> bool:
         for event, handler in _STANDARD_HANDLERS:
             if (handler, None) in assoc.get_handlers(event):
                 assoc.unbind(event, handler)
+    lease.make_leasable(assoc)  # C-STORE responses read in the sending thread, where it can
     setattr(assoc, _DIRECT, True)
     setattr(assoc, _ATTRIBUTE, True)
     return True

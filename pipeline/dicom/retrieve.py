@@ -52,7 +52,8 @@ from sqlalchemy import select
 from pipeline.archive import Archive
 from pipeline.config import Settings
 from pipeline.dicom.audit import audit_dimse
-from pipeline.dicom.fastsend import enable
+from pipeline.dicom.fastsend import enable, observe_responses
+from pipeline.dicom.lease import unreserve
 from pipeline.dicom.peers import may, move_destination
 from pipeline.dicom.status import (
     STATUS_CANNOT_UNDERSTAND,
@@ -331,7 +332,7 @@ def handle_move(event: evt.Event, settings: Settings, archive: Archive) -> Itera
         pdu_timeout=settings.dicom.pdu_timeout_seconds,
         establish_timeout=settings.dicom.association_timeout_seconds,
     )
-    store = StoreAssociation(limits=limits)
+    store = StoreAssociation(limits=limits, observer=job.tally.record)
     options = {
         "contexts": contexts,
         "max_pdu": advertised_pdu_size(settings.dicom.max_pdu_size),
@@ -373,9 +374,12 @@ def handle_get(event: evt.Event, settings: Settings, archive: Archive) -> Iterat
 
     fast = enable(event.assoc)  # the receiver tuned it at EVT_CONN_OPEN
     event.assoc.bind(evt.EVT_DIMSE_RECV, job.tally.on_dimse_recv)
+    observe_responses(event.assoc, job.tally.record)
     try:
         yield from job.suboperations(accepted, set(), lambda: fast)
     finally:
+        unreserve(event.assoc)  # the requestor's next message is read at once
+        observe_responses(event.assoc, None)
         event.assoc.unbind(evt.EVT_DIMSE_RECV, job.tally.on_dimse_recv)
         if not job.audited:
             job.finish(aborted=True)

@@ -14,7 +14,8 @@ this module decides everything around that:
   cannot go. A dataset that cannot go is still yielded, so that pynetdicom counts its
   sub-operation as failed and lists its SOP Instance UID in the final response.
 * :class:`Tally`: the C-STORE responses as they arrive (an ``EVT_DIMSE_RECV`` handler
-  bound to the association that carries them), for the log, the audit and the final
+  bound to the association that carries them, and the observer of the responses
+  :mod:`pipeline.dicom.fastsend` reads itself), for the log, the audit and the final
   status.
 """
 
@@ -35,7 +36,7 @@ from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import code_to_category
 
-from pipeline.dicom.fastsend import StoredFile, enable
+from pipeline.dicom.fastsend import StoredFile, enable, observe_responses
 from pipeline.dicom.syntaxes import UNCOMPRESSED, contexts_for
 from pipeline.dicom.tuning import PduLimits, tune_association
 
@@ -143,8 +144,13 @@ class Tally:
         if type(message).__name__ != "C_STORE_RSP":
             return
         command = message.command_set
+        self.record(str(command.AffectedSOPInstanceUID), int(command.Status))
+
+    def record(self, sop_instance_uid: str, status: int) -> None:
+        """Note one C-STORE response (also what :func:`pipeline.dicom.fastsend.observe_responses`
+        reports of the responses pynetdicom never sees)."""
         with self._lock:
-            self.statuses[str(command.AffectedSOPInstanceUID)] = int(command.Status)
+            self.statuses[sop_instance_uid] = status
 
     def failed(self, sent: Iterable[str]) -> list[str]:
         """The SOP Instance UIDs of ``sent`` that did not arrive (failure or no response)."""
@@ -172,6 +178,7 @@ class StoreAssociation:
     assoc: object = None
     limits: PduLimits | None = None
     fast: bool = False  # its C-STOREs go by pipeline.dicom.fastsend
+    observer: Callable[[str, int], None] | None = None  # each C-STORE response fastsend reads
     _accepted: dict[str, set[str]] | None = None
 
     def on_open(self, event: evt.Event) -> None:
@@ -182,6 +189,8 @@ class StoreAssociation:
         if sock is not None:  # Nagle's algorithm costs ~40 ms per C-STORE round trip on loopback
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.fast = tune_association(event.assoc, self.limits, requestor=True) and enable(event.assoc)
+        if self.fast:
+            observe_responses(event.assoc, self.observer)
 
     def accepted(self) -> dict[str, set[str]]:
         """What the destination accepted (computed once: it cannot change)."""

@@ -35,7 +35,14 @@ transfer syntax UID: with all storage SOP classes and 13 transfer syntaxes that 
 ~60 ms of CPU per association. Contexts hold only immutable UIDs, so a copy of each
 context object and of its list of transfer syntaxes is the same thing, 50x cheaper.
 
-This module and :mod:`pipeline.dicom.fastsend` (the sending side) are the only code that
+:func:`tune_association` also unbinds pynetdicom's DEBUG-only PDU summary handlers
+unless its logger is at DEBUG (:func:`quiet_pdu_summaries`), and
+:func:`cheap_context_copies` lets pynetdicom remember the UID texts it has checked
+(:func:`remembered_uid_checks`): together ~20 ms less CPU per association for a
+requestor that proposes every storage SOP class (dcmtk getscu).
+
+This module, :mod:`pipeline.dicom.fastsend` (the sending side) and
+:mod:`pipeline.dicom.lease` (responses read by the sender) are the only code that
 touches pynetdicom's internals. It was written
 against pynetdicom 3.0.4 (pinned exactly in pyproject.toml); with any other layout it
 leaves the association untouched and says so with a WARNING (once per process and
@@ -241,6 +248,10 @@ class _LowLatencySocket(AssociationSocket):
             return
         evt.trigger(self.assoc, evt.EVT_DATA_SENT, {"data": bytestream})
 
+    def reactor_wait(self, seconds: float) -> float:
+        """How long the association's reactor may wait for a wake-up before it polls."""
+        return seconds
+
     def _peer(self) -> str:
         info = getattr(self.assoc.requestor, "address_info", None)
         return str(getattr(info, "address", "?"))
@@ -262,8 +273,10 @@ class _ReactorClock:
     """Replaces the ``time`` module inside :mod:`pynetdicom.association` only.
 
     ``sleep(0.001)`` on a tuned association's thread waits on its wake-up event
-    instead (same upper bound, returns as soon as a DIMSE message is queued);
-    everything else is the real :mod:`time`.
+    instead (returns as soon as a DIMSE message is queued), as long as its socket's
+    :meth:`_LowLatencySocket.reactor_wait` says (the same 1 ms, unless the thread that
+    sends on it reads its responses itself: :mod:`pipeline.dicom.lease`); everything
+    else is the real :mod:`time`.
     """
 
     def __init__(self, real: Any) -> None:
@@ -273,10 +286,15 @@ class _ReactorClock:
         return getattr(self._real, name)
 
     def sleep(self, seconds: float) -> None:
-        wake = getattr(threading.current_thread(), _WAKE_ATTRIBUTE, None)
+        thread = threading.current_thread()
+        wake = getattr(thread, _WAKE_ATTRIBUTE, None)
         if wake is None or seconds != _REACTOR_POLL_SECONDS:
             self._real.sleep(seconds)
-        elif wake.wait(seconds):
+            return
+        sock = getattr(getattr(thread, "dul", None), "socket", None)
+        if isinstance(sock, _LowLatencySocket):
+            seconds = sock.reactor_wait(seconds)
+        if wake.wait(seconds):
             wake.clear()
 
 
@@ -306,12 +324,91 @@ class _CheapCopyContexts(list):  # type: ignore[type-arg]
 
 
 def cheap_context_copies(server: Any) -> bool:
-    """Make ``server`` copy its presentation contexts cheaply for each association."""
+    """Make ``server`` copy its presentation contexts cheaply for each association (and
+    check each UID of an association's negotiation once: :func:`remembered_uid_checks`)."""
+    remembered_uid_checks()
     contexts = getattr(server, "contexts", None)
     if not isinstance(contexts, list) or not all(set(vars(cx)) <= _CONTEXT_FIELDS for cx in contexts):
         _skipped("cheap context copies", "the server's presentation contexts have an unknown layout")
         return False
     server.contexts = _CheapCopyContexts(contexts)
+    return True
+
+
+def quiet_pdu_summaries(assoc: Any) -> None:
+    """Unbind pynetdicom's standard PDU handlers from ``assoc`` unless its logger is at DEBUG.
+
+    pynetdicom binds them to every association; they write a DEBUG summary of every PDU,
+    formatted whatever the log level: for the A-ASSOCIATE-RQ of a C-GET requestor with
+    every storage SOP class and its SCP role, ~45 ms of CPU per association (a lookup
+    per role for each context). Their output is DEBUG only; the DIMSE handlers, which
+    also log at INFO, stay (see :func:`pipeline.dicom.fastsend.enable`).
+    """
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+        return
+    from pynetdicom import _handlers
+
+    for event, handler in (
+        (evt.EVT_PDU_RECV, _handlers.standard_pdu_recv_handler),
+        (evt.EVT_PDU_SENT, _handlers.standard_pdu_sent_handler),
+    ):
+        if (handler, None) in assoc.get_handlers(event):
+            assoc.unbind(event, handler)
+
+
+# Modules of pynetdicom 3.0.4 that call ``set_uid`` by its imported name.
+_SET_UID_USERS = ("utils", "ae", "dimse_primitives", "pdu_items", "pdu_primitives", "presentation")
+_UID_CACHE_SIZE = 4096
+
+
+def remembered_uid_checks() -> bool:
+    """Let pynetdicom check each UID text once per process instead of every time it sees it.
+
+    pynetdicom checks every UID it decodes or sets (``pynetdicom.utils.set_uid``: three
+    regular-expression matches and two ``UID`` objects): for a C-GET requestor that
+    proposes every storage SOP class with an SCP role, ~2,000 checks and ~30 ms of CPU per
+    association, in the A-ASSOCIATE-RQ, the negotiation and the A-ASSOCIATE-AC. The
+    requestors' UIDs are the same each time: a check that passed (a conformant UID, from
+    ``str``, ``bytes`` or a plain ``UID``) is remembered, up to :data:`_UID_CACHE_SIZE`
+    texts; anything else (a failure, a non-conformant UID with its warning, a ``UID``
+    that carries a private encoding) goes through pynetdicom's own ``set_uid`` every time.
+    """
+    import pynetdicom.utils as utils
+
+    original = getattr(utils, "set_uid", None)
+    if getattr(original, "_radtriage_remembers", False):
+        return True
+    modules = [getattr(pynetdicom, name, None) for name in _SET_UID_USERS]
+    if original is None or any(getattr(m, "set_uid", None) is not original for m in modules):
+        _skipped("remembered UID checks", "pynetdicom's set_uid is not where it was")
+        return False
+    from pydicom.uid import UID
+    from pynetdicom import _config
+
+    cache: dict[tuple[Any, ...], Any] = {}
+
+    def set_uid(value: Any, name: str, allow_empty: bool = True, allow_none: bool = True, validate: bool = True) -> Any:
+        if type(value) not in (str, bytes) and (type(value) is not UID or vars(value)):
+            return original(value, name, allow_empty, allow_none, validate)
+        key = (
+            value,
+            name,
+            allow_empty,
+            allow_none,
+            validate,
+            _config.ENFORCE_UID_CONFORMANCE,
+            _config.VALIDATORS["UI"],
+        )
+        uid = cache.get(key)
+        if uid is None:
+            uid = original(value, name, allow_empty, allow_none, validate)
+            if uid is not None and len(cache) < _UID_CACHE_SIZE and (not uid or uid.is_valid):
+                cache[key] = uid
+        return uid
+
+    set_uid._radtriage_remembers = True  # type: ignore[attr-defined]
+    for module in modules:
+        module.set_uid = set_uid  # type: ignore[union-attr]
     return True
 
 
@@ -362,6 +459,7 @@ def tune_association(assoc: Any, limits: PduLimits | None = None, *, requestor: 
         _skipped("low-latency DUL", "the association's DUL has an unknown layout")
         return False
     limits = limits or PduLimits()
+    quiet_pdu_summaries(assoc)
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)

@@ -471,3 +471,145 @@ def test_instances_that_need_decompression_take_the_normal_path(
     assert result.returncode == 0, _final(result)
     _check_arrived(qr, _received(tmp_path / "got"), set(qr.files), uncompressed=True)
     assert sorted(sent_fast) == sorted(set(qr.files) - set(qr.compressed))
+
+
+def _counting_direct_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Statuses of the C-STORE responses read in the sending thread (pipeline/dicom/lease.py)."""
+    from pipeline.dicom import fastsend
+
+    read: list[int] = []
+    decode = fastsend.decode_store_response
+
+    def counting(pdu: bytes) -> object:
+        rsp = decode(pdu)
+        if rsp is not None:
+            read.append(rsp.status)
+        return rsp
+
+    monkeypatch.setattr(fastsend, "decode_store_response", counting)
+    return read
+
+
+def test_store_statuses_read_by_the_sender_count_as_the_destination_meant(
+    qr: QR, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A destination that fails one instance (with a comment and the offending element) and
+    warns on another: the responses, read in the sending thread, give the counts and the
+    Failed SOP Instance UID List a user reads in the final C-MOVE response."""
+    read = _counting_direct_reads(monkeypatch)
+    plain = sorted(uid for uid in qr.files if uid not in qr.compressed)
+    fail, warn = plain[0], plain[1]
+    stored_as = str(pydicom.dcmread(qr.files[fail], stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    dest = AE(ae_title="MOVESCU")
+    dest.add_supported_context(CTImageStorage, [stored_as])  # as stored: the fast path
+
+    def store(event: evt.Event) -> Dataset | int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        if uid not in (fail, warn):
+            return 0x0000
+        status = Dataset()
+        status.Status = 0xC000 if uid == fail else 0xB007
+        status.ErrorComment = "cannot understand" if uid == fail else "coerced"
+        if uid == fail:
+            status.OffendingElement = [0x00100010]
+        return status
+
+    listener = dest.start_server((HOST, qr.move_port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(StudyMove)
+        assoc = ae.associate(HOST, qr.port, ae_title="RADTRIAGE")
+        assert assoc.is_established
+        try:
+            study = _identifier("STUDY", StudyInstanceUID=qr.study_uid)
+            responses = list(assoc.send_c_move(study, "MOVESCU", StudyMove))
+        finally:
+            assoc.release()
+    finally:
+        listener.shutdown()
+    final, identifier = responses[-1]
+    assert final.Status == 0xB000
+    assert final.NumberOfFailedSuboperations == 1 and final.NumberOfWarningSuboperations == 1
+    assert final.NumberOfCompletedSuboperations == len(qr.files) - 2
+    assert identifier.FailedSOPInstanceUIDList == fail
+    pending = [status for status, _ in responses[:-1]]
+    assert [p.NumberOfRemainingSuboperations for p in pending] == list(range(len(qr.files) - 1, -1, -1))
+    assert sorted(read) == sorted([0xC000, 0xB007] + [0] * (len(plain) - 2))  # the uncompressed ones
+    last = json.loads(_audits(qr)[-1].detail)
+    assert (last["failed"], last["warning"], last["failed_uids"]) == (1, 1, [fail])
+
+
+def test_a_destination_that_aborts_fails_the_rest_at_once_and_the_next_move_works(
+    qr: QR, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """storescp --abort-after answers the first C-STORE with an A-ABORT: the sending thread
+    hands it to pynetdicom, the move ends with every instance failed and listed, without
+    waiting out the DIMSE timeout, and the next C-MOVE goes through whole."""
+    read = _counting_direct_reads(monkeypatch)
+    keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": qr.study_uid}
+    for abort, out in ((True, tmp_path / "aborting"), (False, tmp_path / "good")):
+        out.mkdir()
+        flags = ["--abort-after"] if abort else []
+        scp = subprocess.Popen(
+            [require_tool("storescp"), "-aet", "STORESCP", "+xa", *flags, "-od", str(out), str(qr.store_port)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_port(qr.store_port)
+            t0 = time.monotonic()
+            result = _dcmtk("movescu", qr, None, keys, "-aet", "MOVESCU", "-aem", "STORESCP")
+            took = time.monotonic() - t0
+        finally:
+            scp.terminate()
+            scp.wait(10)
+        text = _final(result)
+        if abort:
+            assert took < 10, text  # not the 30 s DIMSE timeout
+            assert "Final Move Response (Refused: OutOfResourcesSubOperations)" in text, text  # 0xA702
+            assert read == []  # no response came: nothing was taken for one
+            failed = json.loads(_audits(qr)[-1].detail)
+            assert failed["failed"] == len(qr.files) and failed["completed"] == 0
+        else:
+            assert result.returncode == 0, text
+            _check_arrived(qr, _received(out), set(qr.files), uncompressed=False)
+            assert len(read) == len(qr.files)
+
+
+def test_a_c_cancel_mid_get_is_read_and_honoured(qr: QR) -> None:
+    """The C-CANCEL arrives while the sending thread owns the socket: it is handed to
+    pynetdicom, the C-GET stops with 0xFE00 and the association serves the next one."""
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    got: list[str] = []
+
+    def store(event: evt.Event) -> int:
+        time.sleep(0.05)
+        got.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    assoc = ae.associate(
+        HOST,
+        qr.port,
+        ae_title="RADTRIAGE",
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, store)],
+    )
+    assert assoc.is_established
+    study = _identifier("STUDY", StudyInstanceUID=qr.study_uid)
+    try:
+        responses = []
+        for status, _ in assoc.send_c_get(study, StudyRootQueryRetrieveInformationModelGet, msg_id=5):
+            responses.append(status)
+            if len(responses) == 2:
+                assoc.send_c_cancel(5, query_model=StudyRootQueryRetrieveInformationModelGet)
+        cancelled_after = len(got)
+        got.clear()
+        again = list(assoc.send_c_get(study, StudyRootQueryRetrieveInformationModelGet, msg_id=9))
+    finally:
+        assoc.release()
+    assert responses[-1].Status == 0xFE00
+    assert 0 < cancelled_after < len(qr.files)
+    assert again[-1][0].Status == 0x0000 and sorted(got) == sorted(qr.files)

@@ -74,6 +74,11 @@ def test_the_receivers_associations_are_tuned_and_pynetdicom_uses_the_tuning(
                 time.sleep(0.01)
             ours = server.active_associations
             assert ours and all(tuning.is_tuned(a) for a in ours), "the receiver's association is not tuned"
+            from pynetdicom import _handlers, evt
+
+            # pynetdicom's logger is not at DEBUG here: no PDU summaries formatted for nobody
+            summary = (_handlers.standard_pdu_recv_handler, None)
+            assert all(summary not in a.get_handlers(evt.EVT_PDU_RECV) for a in ours)
             assert assoc.send_c_echo().Status == 0x0000
             assert assoc.send_c_store(dcmread(study_files[0])).Status == 0x0000
         finally:
@@ -94,7 +99,7 @@ def test_a_tuning_that_cannot_apply_warns_and_leaves_the_association(caplog: pyt
     assert not tuning.is_tuned(unknown)
 
 
-# -- pipeline/dicom/fastsend.py: what it writes is what pynetdicom would, in fewer PDUs --
+# -- pipeline/dicom/wire.py: what fastsend writes is what pynetdicom would, in fewer PDUs --
 
 
 def _pynetdicom_command(primitive: object) -> bytes:
@@ -112,7 +117,7 @@ def test_hand_encoded_command_sets_are_byte_equal_to_pynetdicoms() -> None:
 
     from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 
-    from pipeline.dicom import fastsend
+    from pipeline.dicom import wire
 
     cases: list[object] = []
     for originator in ((None, None), ("MOVESCU", 7), ("ODD", 65535)):
@@ -122,7 +127,7 @@ def test_hand_encoded_command_sets_are_byte_equal_to_pynetdicoms() -> None:
         rq.MoveOriginatorApplicationEntityTitle, rq.MoveOriginatorMessageID = originator
         rq.DataSet = BytesIO(b"\x08\x00\x18\x00")
         cases.append(rq)
-        assert fastsend.store_request(3, 2, CTImageStorage, "1.2.3.45", *originator) == _pynetdicom_command(rq)
+        assert wire.store_request(3, 2, CTImageStorage, "1.2.3.45", *originator) == _pynetdicom_command(rq)
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo, rsp.Status = 3, 0xB000
     rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = CTImageStorage, "1.2.3.4"
@@ -141,12 +146,12 @@ def test_hand_encoded_command_sets_are_byte_equal_to_pynetdicoms() -> None:
     failed.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
     cases.append(failed)
     for primitive in cases:
-        encoded = fastsend.encode_command(primitive)
+        encoded = wire.encode_command(primitive)
         assert encoded is not None, primitive
         assert encoded[0] == _pynetdicom_command(primitive), type(primitive).__name__
     offending = C_FIND()
     offending.MessageIDBeingRespondedTo, offending.Status, offending.OffendingElement = 1, 0xA900, [0x00100010]
-    assert fastsend.encode_command(offending) is None  # left to pynetdicom
+    assert wire.encode_command(offending) is None  # left to pynetdicom
 
 
 @pytest.mark.parametrize("max_pdu", [0, 4096, 4097, 16384, 131072])
@@ -154,11 +159,11 @@ def test_hand_encoded_command_sets_are_byte_equal_to_pynetdicoms() -> None:
 def test_prebuilt_pdus_decode_to_the_same_message_within_the_peers_maximum(max_pdu: int, length: int) -> None:
     from pynetdicom.pdu import P_DATA_TF
 
-    from pipeline.dicom import fastsend
+    from pipeline.dicom import wire
 
-    command = fastsend.store_request(1, 2, CTImageStorage, "1.2.3.4", None, None)
+    command = wire.store_request(1, 2, CTImageStorage, "1.2.3.4", None, None)
     dataset = bytes(range(256)) * (length // 256) + bytes(length % 256)
-    buffer = bytes(fastsend.encode_pdus(5, command, dataset, max_pdu))
+    buffer = bytes(wire.encode_pdus(5, command, dataset, max_pdu))
     pos, parts = 0, {True: b"", False: b""}
     controls = []
     while pos < len(buffer):
@@ -175,4 +180,101 @@ def test_prebuilt_pdus_decode_to_the_same_message_within_the_peers_maximum(max_p
     assert parts[True] == command and parts[False] == dataset
     assert controls[0] == 0x03 and (controls[-1] == 0x02 if dataset else len(controls) == 1)
     assert all(c in (0x00, 0x02) for c in controls[1:])
-    assert fastsend.fragment_length(4097) % 2 == 0  # fragments even, whatever the peer's maximum
+    assert wire.fragment_length(4097) % 2 == 0  # fragments even, whatever the peer's maximum
+
+
+def _pynetdicom_pdus(primitive: object, context_id: int, max_pdu: int) -> list[bytes]:
+    """The P-DATA-TF PDUs pynetdicom sends for a DIMSE primitive."""
+    from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE
+    from pynetdicom.pdu import P_DATA_TF
+
+    table = _RQ_TO_MESSAGE if primitive.MessageIDBeingRespondedTo is None else _RSP_TO_MESSAGE  # type: ignore[attr-defined]
+    message = table[type(primitive)]()
+    message.primitive_to_message(primitive)
+    message.context_id = context_id
+    return [bytes(P_DATA_TF(p).encode()) for p in message.encode_msg(context_id, max_pdu)]
+
+
+def _pynetdicom_reads(pdus: list[bytes]) -> object:
+    """What pynetdicom's DIMSE layer makes of those PDUs (the response primitive)."""
+    from pynetdicom.dimse_messages import DIMSEMessage
+    from pynetdicom.pdu import P_DATA_TF
+
+    message = DIMSEMessage()
+    for raw in pdus:
+        pdu = P_DATA_TF()
+        pdu.decode(raw)
+        done = message.decode_msg(pdu.to_primitive())
+    assert done
+    return message.message_to_primitive()
+
+
+def test_store_responses_decode_as_pynetdicom_decodes_them() -> None:
+    from io import BytesIO
+
+    from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE
+
+    from pipeline.dicom import wire
+
+    cases = []
+    for status, extra in (
+        (0x0000, {}),
+        (0xB007, {"ErrorComment": " coerced."}),  # warning; odd length: padded; a leading space kept
+        (0xC000, {"ErrorComment": "cannot understand", "OffendingElement": [0x00100010, 0x00080018]}),
+        (0xA700, {"ErrorComment": "out of resources", "AffectedSOPInstanceUID": None}),
+    ):
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo, rsp.Status = 41, status
+        rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = CTImageStorage, "1.2.3.45"
+        for keyword, value in extra.items():
+            setattr(rsp, keyword, value)
+        cases.append(rsp)
+    for rsp in cases:
+        pdus = _pynetdicom_pdus(rsp, 9, 16384)
+        assert len(pdus) == 1
+        ours = wire.decode_store_response(pdus[0])
+        theirs = _pynetdicom_reads(pdus)
+        assert ours is not None
+        assert (ours.context_id, ours.message_id, ours.status) == (9, 41, theirs.Status)  # type: ignore[attr-defined]
+        assert ours.sop_instance_uid == theirs.AffectedSOPInstanceUID  # type: ignore[attr-defined]
+        assert ours.error_comment == theirs.ErrorComment  # type: ignore[attr-defined]
+        offending = theirs.OffendingElement  # type: ignore[attr-defined]
+        assert ours.offending_element == (tuple(int(t) for t in offending) if offending else None)
+
+    # What it must leave to pynetdicom: another message, a command in two PDUs, two PDVs.
+    rq = C_STORE()
+    rq.MessageID, rq.Priority, rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = 1, 2, CTImageStorage, "1.2.3"
+    rq.DataSet = BytesIO(b"\x08\x00\x18\x00")
+    echo, find = C_ECHO(), C_FIND()
+    echo.MessageIDBeingRespondedTo, echo.Status = 1, 0
+    find.MessageIDBeingRespondedTo, find.Status, find.AffectedSOPClassUID = 1, 0, "1.2.840.10008.5.1.4.1.2.2.1"
+    for other in (rq, echo, find):
+        assert all(wire.decode_store_response(p) is None for p in _pynetdicom_pdus(other, 1, 16384))
+    split = _pynetdicom_pdus(cases[2], 1, 64)
+    assert len(split) > 1 and all(wire.decode_store_response(p) is None for p in split)
+    one = _pynetdicom_pdus(cases[0], 1, 16384)[0]
+    body = one[6:]
+    two_pdvs = b"\x04\x00" + (2 * len(body)).to_bytes(4, "big") + body + body
+    assert wire.decode_store_response(two_pdvs) is None
+    assert wire.decode_store_response(one[:-2]) is None  # truncated
+
+
+def test_remembered_uid_checks_still_refuse_and_warn_as_pynetdicom_does(caplog: pytest.LogCaptureFixture) -> None:
+    """A UID check passed once is remembered; a bad UID is refused every time, and a
+    non-conformant one warned about every time (neither is remembered)."""
+    import pynetdicom.pdu_items
+    import pynetdicom.presentation
+    import pynetdicom.utils
+
+    assert tuning.remembered_uid_checks()
+    set_uid = pynetdicom.utils.set_uid
+    assert pynetdicom.pdu_items.set_uid is set_uid and pynetdicom.presentation.set_uid is set_uid
+    good = set_uid(b"1.2.840.10008.5.1.4.1.1.2", "Abstract Syntax Name")
+    assert good == CTImageStorage and set_uid(b"1.2.840.10008.5.1.4.1.1.2", "Abstract Syntax Name") is good
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            set_uid("1." + "2" * 70, "Abstract Syntax Name")  # longer than 64
+    with caplog.at_level(logging.WARNING, logger="pynetdicom"):
+        set_uid("1.02.3", "Abstract Syntax Name")
+        set_uid("1.02.3", "Abstract Syntax Name")
+    assert sum("Non-conformant" in r.getMessage() for r in caplog.records) == 2

@@ -1,20 +1,29 @@
 """flows/engine.py: the Prefect calls radtriage relies on still do what it needs.
 
 If a Prefect upgrade changes any of them, these fail before the worker silently stops
-claiming runs or runs them twice.
+claiming runs or runs them twice. The two internals (``prefect.flow_engine.run_flow``,
+``prefect.context.refresh_global_settings_context``) are pinned by their exact
+signature and by the behaviour the worker relies on: a run executes in the calling
+thread, several at once in threads, a failure comes back as a state, and the engine
+itself does not check who claimed a run (the Pending claim is the only guard).
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import prefect
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
+from prefect.context import refresh_global_settings_context
+from prefect.flow_engine import run_flow
 from prefect.settings import get_current_settings
+from prefect.states import Running
 
 from flows.engine import (
     PREFECT_VERSION,
@@ -37,10 +46,90 @@ def double(x: int) -> int:
     return 2 * x
 
 
+executed: list[tuple[int, str]] = []
+
+
+@flow(name="engine-threads")
+def record(x: int) -> int:
+    executed.append((x, threading.current_thread().name))
+    return x
+
+
+@flow(name="engine-failure")
+def fail(x: int) -> int:
+    raise ValueError(f"bad input {x}")
+
+
 def test_prefect_is_the_version_the_engine_was_written_against() -> None:
     assert prefect.__version__ == PREFECT_VERSION
     pinned = re.search(r'"prefect==([^"]+)"', (ROOT / "pyproject.toml").read_text())
     assert pinned is not None and pinned.group(1) == PREFECT_VERSION
+    constrained = re.search(r"^prefect==(\S+)$", (ROOT / "constraints.txt").read_text(), re.MULTILINE)
+    assert constrained is not None and constrained.group(1) == PREFECT_VERSION
+
+
+def test_the_private_callables_keep_their_signatures() -> None:
+    # What run_flow_run and use_api_url call, by name and default.
+    parameters = inspect.signature(run_flow).parameters
+    assert list(parameters) == [
+        "flow",
+        "flow_run",
+        "parameters",
+        "wait_for",
+        "return_type",
+        "error_logger",
+        "context",
+    ]
+    assert parameters["flow_run"].default is None and parameters["return_type"].default == "result"
+    assert not inspect.iscoroutinefunction(run_flow)
+    assert inspect.signature(refresh_global_settings_context).parameters == {}
+
+
+def test_claimed_runs_execute_in_the_calling_threads_at_once(prefect_server: LocalPrefectServer) -> None:
+    executed.clear()
+    with get_client(sync_client=True) as client:
+        deployment = apply_deployment(client, record, "threads", entrypoint="tests/flow/test_engine.py:record", tags=[])
+        runs = [client.create_flow_run_from_deployment(deployment, parameters={"x": x}) for x in (1, 2, 3)]
+        assert all(claim_flow_run(client, r.id) for r in runs)
+        claimed = [client.read_flow_run(r.id) for r in runs]
+    with ThreadPoolExecutor(3, thread_name_prefix="engine-test") as pool:
+        states = list(pool.map(lambda r: run_flow_run(record, r), claimed))
+    assert [s.result() for s in states] == [1, 2, 3]
+    assert sorted(x for x, _ in executed) == [1, 2, 3]
+    assert all(name.startswith("engine-test") for _, name in executed)  # not a subprocess, not the main thread
+    with get_client(sync_client=True) as client:
+        assert all(client.read_flow_run(r.id).state.is_completed() for r in runs)  # type: ignore[union-attr]
+
+
+def test_a_failing_run_comes_back_as_a_failed_state(prefect_server: LocalPrefectServer) -> None:
+    with get_client(sync_client=True) as client:
+        deployment = apply_deployment(client, fail, "failure", entrypoint="tests/flow/test_engine.py:fail", tags=[])
+        run = client.create_flow_run_from_deployment(deployment, parameters={"x": 7})
+        assert claim_flow_run(client, run.id)
+        state = run_flow_run(fail, client.read_flow_run(run.id))  # returns, does not raise
+        recorded = client.read_flow_run(run.id).state
+    assert state.is_failed() and "bad input 7" in (state.message or "")
+    assert recorded is not None and recorded.is_failed()
+
+
+def test_only_the_claim_keeps_a_run_from_running_twice(prefect_server: LocalPrefectServer) -> None:
+    """The engine runs whatever run it is handed, even one that already completed: the
+    worker must hand it only runs it claimed. A claim fails while the run is Pending or
+    Running elsewhere; a Completed run without a persisted result can be claimed again
+    (Prefect's re-run), which is why the worker claims only runs it just saw Scheduled."""
+    executed.clear()
+    with get_client(sync_client=True) as client:
+        deployment = apply_deployment(client, record, "twice", entrypoint="tests/flow/test_engine.py:record", tags=[])
+        run = client.create_flow_run_from_deployment(deployment, parameters={"x": 5})
+        assert claim_flow_run(client, run.id)
+        assert run_flow_run(record, client.read_flow_run(run.id)).is_completed()
+        assert run_flow_run(record, client.read_flow_run(run.id)).is_completed()  # unclaimed: runs again
+        assert [x for x, _ in executed] == [5, 5]
+
+        running = client.create_flow_run_from_deployment(deployment, parameters={"x": 6})
+        assert claim_flow_run(client, running.id)
+        client.set_flow_run_state(running.id, Running())
+        assert claim_flow_run(client, running.id) is False
 
 
 def test_applying_a_deployment_twice_updates_the_one_deployment(prefect_server: LocalPrefectServer) -> None:
