@@ -204,8 +204,8 @@ def main() -> int:
                     url = f"sqlite:///{run_root / 'front' / 'data' / 'index.sqlite'}"
                 else:
                     url = postgres.database()
-                # A Prefect database of its own per run: the dispatcher's idempotency keys
-                # (<study>/<revision>) would otherwise return the last run's flow runs.
+                # A Prefect database of its own per run, so that no run's flow runs,
+                # work pool or concurrency slots are left over for the next.
                 prefect = PrefectOnPostgres(
                     run_root / "prefect", postgres.database().replace("+psycopg://", "+asyncpg://")
                 )

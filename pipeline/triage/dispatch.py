@@ -3,8 +3,8 @@
 The study state in the index is the outbox: a ``stable`` study is owed a plan. The
 dispatcher plans it (:mod:`.planning`): a study no model reads is marked
 ``not_applicable`` without Prefect; for the others it creates a flow run in the work
-queue of the study's urgency, with the idempotency key ``<StudyInstanceUID>/<revision>`` and
-only then records the run and moves the study to ``dispatched``, in one transaction.
+queue of the study's urgency, with the idempotency key of :func:`dispatch_key`, and only
+then records the run and moves the study to ``dispatched``, in one transaction.
 If the Prefect API is down, studies stay ``stable`` and are dispatched when it is back;
 if the process dies between the API call and the commit, the next attempt reuses the
 same key and Prefect returns the same flow run: nothing lost, nothing twice.
@@ -72,8 +72,13 @@ def work_queue_for(urgency: Priority | str) -> str:
     return Priority(urgency).value
 
 
-def dispatch_key(study_uid: str, revision: int) -> str:
-    return f"{study_uid}/{revision}"
+def dispatch_key(study_uid: str, revision: int, first_received_at: datetime) -> str:
+    """Prefect's idempotency key of a study's revision: the same for every dispatcher of
+    one index (and for a retry after a crash), and different for the same study in
+    another index or a rebuilt one sharing the Prefect server, where the study row, and
+    so the time it was first received, is another (a key of UID and revision alone
+    returned the old, finished flow run there and the study stayed ``dispatched``)."""
+    return f"{study_uid}/{revision}/{first_received_at.timestamp():.6f}"
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,7 @@ class Dispatcher(PollLoop):
             if study is None or study.state != StudyState.stable:
                 return False
             revision = _next_revision(session, study.id)
+            first_received_at = study.first_received_at
         study_uid, urgency = item.study_uid, item.urgency
         with get_client(sync_client=True) as client:
             flow_run = client.create_flow_run_from_deployment(
@@ -240,7 +246,7 @@ class Dispatcher(PollLoop):
                     "revision": revision,
                     "models": [asdict(m) for m in item.plan.models],
                 },
-                idempotency_key=dispatch_key(study_uid, revision),
+                idempotency_key=dispatch_key(study_uid, revision, first_received_at),
                 name=f"triage-{study_uid[-12:]}-r{revision}",
                 work_queue_name=work_queue_for(urgency.level),
             )

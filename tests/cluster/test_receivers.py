@@ -7,7 +7,7 @@ first, dispatcher included, with no local worker: two identical front nodes behi
 DNS name is how a site runs receivers for availability, and it proves that two
 dispatchers and two stability sweeps on one index still analyse a study once (the
 sweep claims studies with ``FOR UPDATE SKIP LOCKED``, a run is unique per study
-revision and the Prefect idempotency key ``<study>/<revision>`` returns one flow run).
+revision and the Prefect idempotency key ``<study>/<revision>/<first received>`` returns one flow run).
 
 The tests hold one association open to each node and send over both in lockstep, so
 "at the same time" does not depend on how fast two processes start.

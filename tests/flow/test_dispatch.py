@@ -103,6 +103,33 @@ def test_a_crash_between_the_api_call_and_the_commit_does_not_dispatch_twice(pre
     assert runs == [(1, first_flow_run)]
 
 
+def test_the_same_study_in_a_rebuilt_index_gets_a_flow_run_of_its_own(prefect_server, flow_settings, tmp_path):
+    """A second index (or a rebuilt one) on the same Prefect server must not be handed the
+    old, finished flow run of a study UID it sees again: its study would stay dispatched."""
+    from datetime import timedelta
+
+    from flows.deployment import register_deployment
+    from pipeline.triage.dispatch import Dispatcher
+
+    register_deployment()
+    rt = Runtime.from_settings(flow_settings)
+    study_uid = _stable_study(rt, tmp_path, seed=14)
+    dispatcher = Dispatcher(rt)
+    assert dispatcher.dispatch_pending() == [study_uid]
+    _, [(_, first_flow_run)] = _study_and_runs(rt, study_uid)
+
+    # The index rebuilt: the study row and its runs are new, received again later.
+    with session_scope(rt.session_factory) as session:
+        study = session.scalar(select(Study).where(Study.StudyInstanceUID == study_uid))
+        session.execute(delete(TriageRun).where(TriageRun.study_id == study.id))
+        study.first_received_at = study.first_received_at + timedelta(hours=1)
+        study.set_state(StudyState.stable)
+
+    assert dispatcher.dispatch_pending() == [study_uid]
+    _, runs = _study_and_runs(rt, study_uid)
+    assert [revision for revision, _ in runs] == [1] and runs[0][1] != first_flow_run
+
+
 def test_a_run_that_died_with_its_process_is_dispatched_again_at_start(prefect_server, flow_settings, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.states import Running
