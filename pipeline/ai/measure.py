@@ -34,6 +34,79 @@ def remove_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     return keep[labels]
 
 
+HU_SMOOTHING_MM = 0.75  # in-plane: the HU gate must not punch noise holes into a bleed
+
+
+def hu_gate(mask: np.ndarray, volume: Volume, min_hu: float | None, max_hu: float | None) -> np.ndarray:
+    """``mask`` without the voxels whose in-plane smoothed HU lies outside ``[min_hu, max_hu)``."""
+    if (min_hu is None and max_hu is None) or not mask.any():
+        return mask
+    (box,) = ndi.find_objects(mask.astype(np.uint8))
+    hu = smoothed_hu(volume, box)
+    keep = np.ones(hu.shape, dtype=bool)
+    if min_hu is not None:
+        keep &= hu >= min_hu
+    if max_hu is not None:
+        keep &= hu < max_hu
+    out = mask.copy()
+    out[box] &= keep
+    return out
+
+
+def smoothed_hu(volume: Volume, box: tuple[slice, ...] | None = None) -> np.ndarray:
+    """HU inside ``box`` (default: everywhere), smoothed in-plane by :data:`HU_SMOOTHING_MM`."""
+    box = box or tuple(slice(0, n) for n in volume.shape)
+    sigma = [0.0] + [HU_SMOOTHING_MM / float(s) for s in volume.spacing[1:]]
+    margin = [0] + [int(np.ceil(3 * g)) + 1 for g in sigma[1:]]
+    shape = volume.shape
+    wide = tuple(slice(max(0, b.start - m), min(n, b.stop + m)) for b, m, n in zip(box, margin, shape, strict=True))
+    hu = ndi.gaussian_filter(volume.array[wide].astype(np.float32), sigma, truncate=3.0)
+    return hu[tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, wide, strict=True))]
+
+
+def bone_distances_mm(labels: np.ndarray, count: int, volume: Volume, bone_hu: float, cap_mm: float) -> np.ndarray:
+    """For each component ``1..count``: how far (mm) its farthest voxel lies from bone.
+
+    Distances are exact up to ``cap_mm`` (each component's box is widened by that much
+    before the distance transform) and reported as ``cap_mm`` beyond it; a component
+    with no bone within reach gets ``cap_mm``.
+    """
+    out = np.full(count, float(cap_mm))
+    if count == 0 or cap_mm <= 0:
+        return out
+    spacing = np.asarray(volume.spacing, dtype=float)
+    margin = np.ceil(cap_mm / spacing).astype(int) + 1
+    for i, box in enumerate(ndi.find_objects(labels)):
+        if box is None:
+            continue
+        wide = tuple(
+            slice(max(0, b.start - m), min(n, b.stop + m)) for b, m, n in zip(box, margin, labels.shape, strict=True)
+        )
+        bone = volume.array[wide] >= bone_hu
+        if not bone.any():
+            continue
+        distance = ndi.distance_transform_edt(~bone, sampling=spacing)
+        out[i] = min(float(distance[labels[wide] == i + 1].max()), cap_mm)
+    return out
+
+
+def drop_along_bone(mask: np.ndarray, volume: Volume, bone_hu: float, min_distance_mm: float) -> np.ndarray:
+    """Drop components lying wholly within ``min_distance_mm`` of bone.
+
+    A thick slice through the skull's inner table or the skull base mixes bone with
+    brain into voxels as dense as blood, in a thin sliver along the bone; a network
+    easily takes it for a bleed. A real subdural or epidural hematoma worth reporting
+    is thicker than that, so some of its voxels lie farther from the bone and it is
+    kept whole.
+    """
+    if min_distance_mm <= 0 or not mask.any():
+        return mask
+    labels, count = components(mask)
+    farthest = bone_distances_mm(labels, count, volume, bone_hu, min_distance_mm)
+    keep = np.concatenate([[False], farthest >= min_distance_mm])
+    return keep[labels]
+
+
 def max_diameter_mm(mask: np.ndarray, volume: Volume) -> float:
     """Largest distance (mm) between two voxel centres of the largest component.
 
@@ -64,25 +137,35 @@ def max_diameter_mm(mask: np.ndarray, volume: Volume) -> float:
 def make_finding(probability_map: np.ndarray, volume: Volume, spec: FindingSpec) -> Finding:
     """Turn one channel's probability map (source geometry) into a :class:`Finding`.
 
-    The mask is ``probability >= voxel_threshold`` without components smaller than
-    ``min_component_ml``. ``probability`` is the highest voxel probability left after
-    removing those specks, so it is below the threshold when nothing was found. The
-    finding is present when the mask holds at least ``min_volume_ml`` (and anything at
-    all); its priority comes from the spec's rules.
+    The mask is ``probability >= voxel_threshold`` inside the HU gate (``min_hu``,
+    ``max_hu``) without components smaller than
+    ``min_component_ml`` and, when ``min_bone_distance_mm`` is set, without those lying
+    wholly along bone. The finding is present when the mask holds at least
+    ``min_volume_ml`` (and anything at all); its priority comes from the spec's rules.
+
+    ``probability`` is the study-level probability the decision was taken on: with a
+    ``study_probability`` calibration, the calibrated function of the volume (0.5
+    exactly at ``min_volume_ml``); without one, the highest voxel probability in the
+    mask when present and the highest one outside every discarded component when
+    absent (so below ``voxel_threshold``). Either way, an absent finding never comes
+    with a probability above its decision point.
     """
     if probability_map.shape != volume.shape:
         raise ValueError(f"probability map {probability_map.shape} does not match the volume {volume.shape}")
     voxel_ml = volume.voxel_volume_ml
     raw = probability_map >= spec.voxel_threshold
-    mask = remove_small(raw, int(np.ceil(spec.min_component_ml / voxel_ml)))
-    specks = raw & ~mask
-    if mask.any():
-        probability = float(probability_map[mask].max())
-    else:
-        below = probability_map[~specks] if specks.any() else probability_map
-        probability = float(below.max()) if below.size else 0.0
+    mask = hu_gate(raw, volume, spec.min_hu, spec.max_hu)
+    mask = remove_small(mask, int(np.ceil(spec.min_component_ml / voxel_ml)))
+    mask = drop_along_bone(mask, volume, spec.bone_hu, spec.min_bone_distance_mm)
     volume_ml = float(mask.sum() * voxel_ml)
     present = bool(mask.any()) and volume_ml >= spec.min_volume_ml
+    if spec.study_probability is not None:
+        probability = spec.study_probability.probability(volume_ml if mask.any() else 0.0, spec.min_volume_ml)
+    elif present:
+        probability = float(probability_map[mask].max())
+    else:
+        rest = probability_map[~raw]
+        probability = float(rest.max()) if rest.size else 0.0
     diameter = max_diameter_mm(mask, volume) if present else 0.0
     return Finding(
         label=spec.label,

@@ -18,6 +18,8 @@ Example (abridged)::
                                  "meaning": "Morphologically Abnormal Structure"},
                     "type": {"value": "50960005", "scheme": "SCT", "meaning": "Hemorrhage"},
                     "voxel_threshold": 0.5, "min_volume_ml": 0.2,
+                    "min_bone_distance_mm": 2.5,
+                    "study_probability": {"slope": 3.0, "offset_ml": 0.1},
                     "priority": [{"level": "critical", "min_volume_ml": 30},
                                  {"level": "urgent"}]}],
       "urgency": "routine"
@@ -27,6 +29,7 @@ Example (abridged)::
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -132,6 +135,26 @@ class PriorityRule(_Strict):
         )
 
 
+class StudyProbability(_Strict):
+    """How a finding's study-level probability follows from its measured volume.
+
+    ``p = 1 / (1 + exp(-slope * (ln(volume_ml + offset_ml) - ln(min_volume_ml + offset_ml))))``:
+    a logistic (Platt) fit of the study's volume on validation studies, pinned to cross
+    0.5 exactly at the finding's ``min_volume_ml``. So the probability the worklist, the
+    SR and the JSON report is the one the present/absent decision was taken on: present
+    exactly when ``p >= 0.5``.
+    """
+
+    method: Literal["logistic_log_volume"] = "logistic_log_volume"
+    slope: float = Field(gt=0, le=100)
+    offset_ml: float = Field(0.1, gt=0)
+    fitted_on: str = Field("", max_length=300)  # which validation studies, for the model card
+
+    def probability(self, volume_ml: float, min_volume_ml: float) -> float:
+        score = math.log(max(volume_ml, 0.0) + self.offset_ml) - math.log(min_volume_ml + self.offset_ml)
+        return 1.0 / (1.0 + math.exp(-max(min(self.slope * score, 60.0), -60.0)))
+
+
 class FindingSpec(_Strict):
     """What one output channel of the network means."""
 
@@ -143,8 +166,25 @@ class FindingSpec(_Strict):
     voxel_threshold: float = Field(0.5, gt=0, lt=1)
     min_component_ml: float = Field(0.0, ge=0)
     min_volume_ml: float = Field(0.0, ge=0)
+    # Components whose every voxel lies closer than this to bone (HU >= bone_hu) are
+    # dropped: partial volume of the inner table or the skull base, not blood. 0: off.
+    min_bone_distance_mm: float = Field(0.0, ge=0, le=20)
+    bone_hu: float = Field(300.0, gt=0)
+    # Voxels whose HU (lightly smoothed in-plane) lies outside [min_hu, max_hu) are never
+    # part of the finding: air, fat and CSF are not acute blood, nor is bone.
+    min_hu: float | None = None
+    max_hu: float | None = None
+    study_probability: StudyProbability | None = None  # None: the highest voxel probability
     priority: list[PriorityRule] = Field(default_factory=list)
     absent_priority: Priority = Priority.ROUTINE
+
+    @model_validator(mode="after")
+    def _calibrated_needs_a_threshold(self) -> "FindingSpec":
+        if self.min_hu is not None and self.max_hu is not None and self.min_hu >= self.max_hu:
+            raise ValueError(f"min_hu {self.min_hu} must be below max_hu {self.max_hu}")
+        if self.study_probability is not None and self.min_volume_ml <= 0:
+            raise ValueError("study_probability crosses 0.5 at min_volume_ml: set min_volume_ml above 0")
+        return self
 
     def priority_for(self, present: bool, volume_ml: float, probability: float, diameter_mm: float) -> Priority:
         """First matching rule for a present finding; ``absent_priority`` otherwise."""

@@ -91,3 +91,65 @@ def test_diameter_follows_a_tilted_grid() -> None:
         mask[k, round(k * 5 / 9), 0] = True
     expected = np.linalg.norm(9 * 2.0 * stack + 5 * 1.0 * column_dir)  # 20.95 mm; 18.68 if the tilt were ignored
     assert max_diameter_mm(mask, volume) == pytest.approx(expected)
+
+
+def _calibrated(**fields: object) -> FindingSpec:
+    data = SPEC.model_dump(mode="json")
+    data.update({"min_volume_ml": 2.0, "study_probability": {"slope": 3.0, "offset_ml": 0.1}, **fields})
+    return FindingSpec.model_validate(data)
+
+
+def test_the_calibrated_probability_is_the_one_the_decision_is_taken_on() -> None:
+    """Present exactly when p >= 0.5: no "absent, p 0.96" when the mask is under the threshold."""
+    volume = _volume((40, 80, 80), (2.0, 1.0, 1.0))
+    spec = _calibrated()
+    seen = []
+    for radius in (4.0, 6.0, 7.0, 9.0, 14.0):  # 0.27 .. 11.5 ml, all voxels at p 0.97
+        ball = _ball(volume, radius, (40.0, 40.0, 40.0))
+        finding = make_finding(np.where(ball, 0.97, 0.02).astype(np.float32), volume, spec)
+        assert finding.present == (finding.probability >= 0.5), (radius, finding)
+        assert finding.present == (ball.sum() * volume.voxel_volume_ml >= 2.0)
+        seen.append(finding.probability)
+    assert seen == sorted(seen) and seen[0] < 0.05 and seen[-1] > 0.95  # rises with the volume
+    empty = make_finding(np.zeros(volume.shape, np.float32), volume, spec)
+    assert not empty.present and empty.probability < 0.01
+
+
+def test_uncalibrated_absent_findings_report_a_probability_below_the_voxel_threshold() -> None:
+    volume = _volume((20, 40, 40), (2.0, 1.0, 1.0))
+    probability = np.full(volume.shape, 0.1, np.float32)
+    probability[8:10, 10:14, 10:14] = 0.96  # 0.03 ml: a component, but under min_volume_ml
+    finding = make_finding(probability, volume, SPEC.model_copy(update={"min_component_ml": 0.0}))
+    assert not finding.present and finding.probability < SPEC.voxel_threshold
+
+
+def test_a_sliver_along_the_bone_is_dropped_and_a_thick_bleed_against_it_is_kept() -> None:
+    """Thick slices mix the inner table with brain into blood-dense voxels along the bone."""
+    volume = _volume((20, 100, 100), (5.0, 0.5, 0.5))
+    volume.array[:] = 35.0
+    volume.array[:, :, :10] = 1500.0  # skull along one side
+    probability = np.zeros(volume.shape, np.float32)
+    probability[5:12, 20:60, 10:13] = 0.9  # 1.5 mm thick along the bone: partial volume
+    probability[5:12, 70:95, 10:40] = 0.9  # 15 mm thick against the bone: an epidural
+    spec = SPEC.model_copy(update={"min_bone_distance_mm": 3.0, "min_component_ml": 0.0})
+
+    finding = make_finding(probability, volume, spec)
+
+    assert finding.present
+    assert not finding.mask[:, 20:60, 10:13].any()
+    assert finding.mask[5:12, 70:95, 10:40].all()
+
+
+def test_air_fat_and_bone_are_never_blood() -> None:
+    volume = _volume((10, 60, 60), (5.0, 0.5, 0.5))
+    volume.array[:] = 70.0
+    volume.array[:, :, 40:] = -80.0  # fat
+    volume.array[:, :20, :] = 900.0  # bone
+    probability = np.full(volume.shape, 0.9, np.float32)
+    spec = SPEC.model_copy(update={"min_hu": 40.0, "max_hu": 300.0})
+
+    finding = make_finding(probability, volume, spec)
+
+    assert finding.present
+    assert not finding.mask[:, 25:, 42:].any() and not finding.mask[:, :18, :].any()
+    assert finding.mask[:, 25:, 5:35].all()

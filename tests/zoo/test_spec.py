@@ -62,6 +62,17 @@ MISTAKES = [
     ("unknown priority", _set("findings.0.priority.0.level", "stat"), "findings.0.priority.0.level"),
     ("probability above 1", _set("findings.0.priority.1.min_probability", 2), "findings.0.priority.1.min_probability"),
     ("negative volume", _set("findings.0.min_volume_ml", -3), "findings.0.min_volume_ml"),
+    ("HU gate upside down", _set("findings.0.min_hu", 400.0), "findings.0"),
+    (
+        "probability slope not positive",
+        _set("findings.0.study_probability", {"slope": 0}),
+        "findings.0.study_probability.slope",
+    ),
+    (
+        "unknown probability method",
+        _set("findings.0.study_probability", {"method": "isotonic", "slope": 2}),
+        "findings.0.study_probability.method",
+    ),
 ]
 
 

@@ -107,33 +107,51 @@ def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], scale: float)
     return field[tuple(slice(0, s) for s in shape)]
 
 
-def build_head(anatomy: Anatomy, rng: np.random.Generator) -> np.ndarray:
+def build_head(anatomy: Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """HU of one subject's head, no lesions: brain, CSF, skull, scalp, air.
 
-    Skull and scalp thickness, bone density and brain attenuation vary per subject.
+    Skull and scalp thickness, bone density and its profile (distinct tables or a
+    smooth one), brain attenuation and the CSF under the inner table vary per subject:
+    the inner table moves inwards by up to 2.5 mm, so that on some heads the cortex
+    touches the bone and a thick slice mixes the two (the classic false alarm), and
+    the skull base is thicker. Returns the HU and, per voxel, the mm outside this
+    subject's inner table (negative inside the skull).
     """
-    out = anatomy.outside
     low = smooth_field(rng, anatomy.shape, 40.0)
-    skull = rng.uniform(5.0, 8.0) + 1.5 * low  # mm, varies over the vault
-    scalp = rng.uniform(3.0, 7.0) + 1.0 * low
-    table = rng.uniform(1.2, 2.0)
+    shift = np.clip(rng.uniform(-0.5, 2.0) + 0.7 * rng.choice([-1.0, 1.0]) * low, -0.5, 2.5)
+    out = np.where(anatomy.intracranial, -anatomy.depth, anatomy.outside) + shift  # mm outside the inner table
+    intracranial = out <= 0
+    z = np.arange(anatomy.shape[0], dtype=np.float32)[:, None, None]
+    zs = np.flatnonzero(anatomy.intracranial.any((1, 2)))
+    base = np.clip((zs[0] + 0.3 * (zs[-1] - zs[0]) - z) / (0.3 * (zs[-1] - zs[0])), 0, 1)
+    skull = np.maximum(rng.uniform(4.0, 10.0) + 1.5 * low + rng.uniform(0, 14) * base, 3.0)  # mm
+    scalp = rng.uniform(3.0, 8.0) + 1.0 * low
+    table = rng.uniform(0.8, 2.5)
     hu = np.full(anatomy.shape, -1000.0, dtype=np.float32)
     # Scalp: skin and fat
     in_scalp = (out > skull) & (out <= skull + scalp)
-    fat = rng.uniform(-100, -40)
+    fat = rng.uniform(-120, -40)
     rel = out[in_scalp] - skull[in_scalp]
-    hu[in_scalp] = np.where((rel > 1.5) & (rel < scalp[in_scalp] - 1.5), fat, rng.uniform(20, 50))
-    # Skull: dense tables around diploe
+    hu[in_scalp] = np.where((rel > 1.5) & (rel < scalp[in_scalp] - 1.5), fat, rng.uniform(20, 55))
+    # Skull: dense tables around diploe, either distinct layers or a smooth profile
     in_skull = (out > 0) & (out <= skull)
     d = out[in_skull]
     s = skull[in_skull]
-    tables = rng.uniform(1300, 1900)
-    diploe = rng.uniform(450, 900)
-    hu[in_skull] = np.where((d <= table) | (d >= s - table), tables, diploe)
+    tables = rng.uniform(1100, 2400)
+    diploe = rng.uniform(300, 1000)
+    if rng.random() < 0.5:
+        hu[in_skull] = np.where((d <= table) | (d >= s - table), tables, diploe)
+    else:
+        profile = np.maximum(np.exp(-np.clip(d, 0, None) / table), np.exp(-np.clip(s - d, 0, None) / table))
+        hu[in_skull] = diploe + (tables - diploe) * profile
+    tile = smooth_field(rng, (40, 40, 40), 2.0)  # trabecular texture, tiled: cheap at full size
+    zz, yy, xx = np.nonzero(in_skull)
+    hu[in_skull] += rng.uniform(0, 150) * tile[zz % 40, yy % 40, xx % 40]
     # CSF between brain and skull, then the brain itself
-    csf = rng.uniform(2, 10)
-    hu[anatomy.intracranial] = csf
-    gain, offset = rng.uniform(0.95, 1.05), rng.uniform(-3, 3)
-    hu[anatomy.brain] = anatomy.brain_hu[anatomy.brain] * gain + offset
+    csf = rng.uniform(0, 12)
+    hu[intracranial] = csf
+    gain, offset = rng.uniform(0.92, 1.08), rng.uniform(-4, 4)
+    brain = anatomy.brain & intracranial
+    hu[brain] = anatomy.brain_hu[brain] * gain + offset
     hu[anatomy.ventricles] = 0.4 * hu[anatomy.ventricles] + 0.6 * csf
-    return hu
+    return hu, out.astype(np.float32)

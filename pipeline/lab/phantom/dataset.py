@@ -26,7 +26,7 @@ from pipeline.lab.phantom.generator import HEAD_COVERAGE_MM, PhantomCase, case_v
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 5  # bump when the phantom changes, so cached pairs are rebuilt
+GENERATOR_VERSION = 6  # bump when the phantom changes, so cached pairs are rebuilt
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,14 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from pipeline.lab.phantom.anatomy import build_head, load_anatomy
-from pipeline.lab.phantom.lesions import ADDERS, BleedKind, add_mimics
+from pipeline.lab.phantom.lesions import (
+    ADDERS,
+    BleedKind,
+    add_beam_hardening,
+    add_dura,
+    add_mimics,
+    add_skull_base,
+)
 
 if TYPE_CHECKING:
     from pipeline.ai.volume import Volume
@@ -53,15 +60,46 @@ def _pose(rng: np.random.Generator, centre: tuple[float, ...], reference: sitk.I
     """Random head pose, size and smooth deformation (output point -> atlas point)."""
     affine = sitk.AffineTransform(3)
     affine.SetCenter(centre)
-    roll, pitch, yaw = np.deg2rad(rng.uniform(-5, 5)), np.deg2rad(rng.uniform(-12, 12)), np.deg2rad(rng.uniform(-6, 6))
+    roll, pitch, yaw = (
+        np.deg2rad(rng.uniform(-8, 8)),
+        np.deg2rad(rng.uniform(-22, 16)),
+        np.deg2rad(rng.uniform(-7, 7)),
+    )
     rot = sitk.Euler3DTransform(centre, pitch, roll, yaw)
     scale = np.diag(1.0 / rng.uniform(0.9, 1.1, size=3))
     matrix = np.asarray(rot.GetMatrix()).reshape(3, 3) @ scale
     affine.SetMatrix(matrix.ravel().tolist())
-    affine.SetTranslation(tuple(rng.uniform(-8, 8, size=3) * np.array([1, 1, 0.5])))
+    affine.SetTranslation(tuple(rng.uniform(-16, 16, size=3) * np.array([0.6, 1, 0.25])))
     bspline = sitk.BSplineTransformInitializer(reference, [3, 3, 3])
     bspline.SetParameters((rng.standard_normal(len(bspline.GetParameters())) * 2.5).tolist())
     return sitk.CompositeTransform([affine, bspline])
+
+
+def _streaks(volume: np.ndarray, pixel_spacing: float, rng: np.random.Generator) -> None:
+    """Streaks from dense bone at the skull base: bright and dark rays from the petrous
+    bone and, sometimes, a dark band across the posterior fossa between them."""
+    strength = rng.uniform(0, 30)
+    if strength < 3:
+        return
+    rows, cols = np.indices(volume.shape[1:], dtype=np.float32)
+    for k in range(volume.shape[0]):
+        dense = volume[k] > 1100
+        if dense.sum() * pixel_spacing**2 < 200:
+            continue
+        inside = volume[k] > -300
+        points = np.argwhere(dense)
+        centre = points.mean(0)
+        for _ in range(rng.integers(3, 12)):
+            r0, c0 = points[rng.integers(len(points))]
+            angle = np.arctan2(r0 - centre[0], c0 - centre[1]) + rng.normal(0, 0.8)
+            across = np.abs((rows - r0) * np.cos(angle) - (cols - c0) * np.sin(angle)) * pixel_spacing
+            fall = np.exp(-np.hypot(rows - r0, cols - c0) * pixel_spacing / rng.uniform(20, 60))
+            ray = rng.choice([-1.0, 1.0]) * strength * rng.uniform(0.3, 1.0) * np.exp(-across / rng.uniform(0.5, 1.5))
+            volume[k][inside] += (ray * fall)[inside]
+        if rng.random() < 0.5:
+            band = np.exp(-(((rows - centre[0]) * pixel_spacing / rng.uniform(1.5, 4)) ** 2))
+            band *= np.abs(cols - centre[1]) * pixel_spacing < rng.uniform(20, 40)
+            volume[k][inside] -= (strength * band)[inside]
 
 
 def make_head_case(
@@ -82,9 +120,10 @@ def make_head_case(
         raise ValueError(f"finding must be 'hemorrhage' or 'none', not {finding!r}")
     rng = np.random.default_rng(seed)
     anatomy = load_anatomy()
-    hu = build_head(anatomy, rng)
+    hu, out = build_head(anatomy, rng)
     label = np.zeros(anatomy.shape, dtype=np.float32)
     add_mimics(anatomy, hu, rng)
+    add_dura(anatomy, hu, out, rng)
     chosen: list[BleedKind] = []
     if finding == "hemorrhage":
         if kinds:
@@ -94,13 +133,19 @@ def make_head_case(
             if rng.random() < 0.2:
                 chosen.append(BleedKind(rng.choice([k.value for k in BleedKind if k not in chosen])))
         for kind in chosen:
-            ADDERS[kind](anatomy, hu, label, rng)
-    # Slice sensitivity profile: a thick slice averages the tissue across its thickness
-    # (FWHM = thickness, cut at +-thickness/2 like a real, nearly rectangular profile).
-    sigma_z = slice_thickness / 2.355
-    hu = ndi.gaussian_filter1d(hu, sigma_z, axis=0, truncate=max(1.0, slice_thickness / 2 / sigma_z))
-    if pixel_spacing / 2.355 > 0.5:
-        hu = ndi.gaussian_filter(hu, (0, pixel_spacing / 2.355, pixel_spacing / 2.355), truncate=2.5)
+            ADDERS[kind](anatomy, hu, label, rng, out=out)
+    add_skull_base(anatomy, hu, label, out, rng)
+    add_beam_hardening(hu, out, rng)
+    # Slice sensitivity profile: a thick slice averages the tissue across its thickness,
+    # either a Gaussian (FWHM = thickness, cut at +-thickness/2) or a box of the thickness.
+    if rng.random() < 0.5:
+        sigma_z = slice_thickness / 2.355
+        hu = ndi.gaussian_filter1d(hu, sigma_z, axis=0, truncate=max(1.0, slice_thickness / 2 / sigma_z))
+    else:
+        hu = ndi.uniform_filter1d(hu, max(1, round(slice_thickness)), axis=0)
+    blur = max(pixel_spacing, rng.uniform(0.5, 1.1)) / 2.355  # reconstruction kernel, mm
+    if blur > 0.3:
+        hu = ndi.gaussian_filter(hu, (0, blur, blur), truncate=2.5)
     # The truth is the blood a reader can see: not where the slice is mostly bone (a thin
     # bleed under the skull at the vertex), nor where partial volume leaves it no denser
     # than grey matter (the edge of a thin bleed, a ventricle's rim).
@@ -138,10 +183,15 @@ def make_head_case(
     volume = sampled[..., 0] - 1000.0
     mask = sampled[..., 1] >= 0.5
 
-    sigma = noise_hu if noise_hu is not None else rng.uniform(2.0, 5.0) * math.sqrt(5.0 / slice_thickness)
-    noise = ndi.gaussian_filter(rng.standard_normal(volume.shape, dtype=np.float32), (0, 0.7, 0.7))
+    _streaks(volume, pixel_spacing, rng)
+    sigma = noise_hu if noise_hu is not None else rng.uniform(2.0, 8.0) * math.sqrt(5.0 / slice_thickness)
+    grain = rng.uniform(0.4, 1.3) * 0.45 / pixel_spacing
+    white = rng.standard_normal(volume.shape, dtype=np.float32)
+    noise = ndi.gaussian_filter(white, (0, grain, grain))
+    if rng.random() < 0.5:  # mid-frequency texture of a sharper kernel
+        noise -= rng.uniform(0.3, 0.7) * ndi.gaussian_filter(white, (0, 3 * grain, 3 * grain))
     volume += noise * (sigma / max(float(noise.std()), 1e-6))
-    np.clip(volume, -1024, 3071, out=volume)
+    np.clip(np.rint(volume), -1024, 3071, out=volume)
     return PhantomCase(
         volume_hu=volume.astype(np.float32),
         label=mask,
