@@ -12,6 +12,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 
+from pipeline.ai.cranium import within_cranium
 from pipeline.ai.findings import Finding
 from pipeline.ai.spec import FindingSpec
 from pipeline.ai.volume import Volume
@@ -138,7 +139,7 @@ def make_finding(probability_map: np.ndarray, volume: Volume, spec: FindingSpec)
     """Turn one channel's probability map (source geometry) into a :class:`Finding`.
 
     The mask is ``probability >= voxel_threshold`` inside the HU gate (``min_hu``,
-    ``max_hu``) without components smaller than
+    ``max_hu``) and, with ``within_cranium``, inside the cranial cavity, without components smaller than
     ``min_component_ml`` and, when ``min_bone_distance_mm`` is set, without those lying
     wholly along bone. The finding is present when the mask holds at least
     ``min_volume_ml`` (and anything at all); its priority comes from the spec's rules.
@@ -155,6 +156,8 @@ def make_finding(probability_map: np.ndarray, volume: Volume, spec: FindingSpec)
     voxel_ml = volume.voxel_volume_ml
     raw = probability_map >= spec.voxel_threshold
     mask = hu_gate(raw, volume, spec.min_hu, spec.max_hu)
+    if spec.within_cranium:
+        mask = within_cranium(mask, volume, spec.bone_hu)
     mask = remove_small(mask, int(np.ceil(spec.min_component_ml / voxel_ml)))
     mask = drop_along_bone(mask, volume, spec.bone_hu, spec.min_bone_distance_mm)
     volume_ml = float(mask.sum() * voxel_ml)

@@ -18,7 +18,7 @@ Example (abridged)::
                                  "meaning": "Morphologically Abnormal Structure"},
                     "type": {"value": "50960005", "scheme": "SCT", "meaning": "Hemorrhage"},
                     "voxel_threshold": 0.5, "min_volume_ml": 0.2,
-                    "min_bone_distance_mm": 2.5,
+                    "min_bone_distance_mm": 2.5, "within_cranium": true,
                     "study_probability": {"slope": 3.0, "offset_ml": 0.1},
                     "priority": [{"level": "critical", "min_volume_ml": 30},
                                  {"level": "urgent"}]}],
@@ -174,6 +174,9 @@ class FindingSpec(_Strict):
     # part of the finding: air, fat and CSF are not acute blood, nor is bone.
     min_hu: float | None = None
     max_hu: float | None = None
+    # True: voxels outside the cranial cavity (pipeline.ai.cranium) are never part of the
+    # finding: for intracranial findings, where scalp and temporalis muscle look like blood.
+    within_cranium: bool = False
     study_probability: StudyProbability | None = None  # None: the highest voxel probability
     priority: list[PriorityRule] = Field(default_factory=list)
     absent_priority: Priority = Priority.ROUTINE

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.ai.registry import RegisteredModel
+from pipeline.ai.spec import FindingSpec
 from pipeline.lab.phantom.generator import case_volume
 
 
@@ -204,6 +205,16 @@ class Calibration:
     slope: float | None = None  # of the study probability, see pipeline.ai.spec.StudyProbability
     volume_relative_error_median: float | None = None  # validation bleeds of 2 ml and more
     truth_ml: list[float] = field(default_factory=list)
+    min_bleed_ml: float = 0.0  # smaller validation bleeds took no part in the choice
+
+    @property
+    def fitted_studies(self) -> int:
+        """How many validation studies the rule and the slope were chosen on."""
+        return sum(
+            1
+            for (truth, _), ml in zip(self.studies, self.truth_ml, strict=True)
+            if not truth or ml >= self.min_bleed_ml
+        )
 
     def finding_fields(self) -> dict[str, object]:
         """The fields of a ``configs/triage.json`` finding this calibration sets."""
@@ -220,7 +231,8 @@ class Calibration:
                 "method": "logistic_log_volume",
                 "slope": self.slope,
                 "offset_ml": OFFSET_ML,
-                "fitted_on": f"{len(self.studies)} validation studies of the training generator",
+                "fitted_on": f"{self.fitted_studies} validation studies of the training generator"
+                + (f" (bleeds of {self.min_bleed_ml:g} ml and more, and normals)" if self.min_bleed_ml else ""),
             }
         return fields
 
@@ -269,15 +281,19 @@ def fit_slope(volumes: list[tuple[bool, float]], threshold_ml: float, offset_ml:
 
 
 @dataclass
-class _Study:
+class ValidationStudy:
+    """One validation study as :func:`choose_rule` needs it: the truth and, per HU-gate
+    candidate, each component found (its ml, farthest distance from bone, ml on the truth)."""
+
     truth: bool
     truth_ml: float
     components: dict[float | None, list[tuple[float, float, float]]]  # min_hu -> (ml, bone mm, ml on truth)
 
 
 def _measure(
-    model: RegisteredModel, recipes: Iterable[Recipe], channel: int, threshold: float, device: str
-) -> list[_Study]:
+    model: RegisteredModel, recipes: Iterable[Recipe], spec: FindingSpec, device: str
+) -> list[ValidationStudy]:
+    from pipeline.ai.cranium import within_cranium
     from pipeline.ai.inference import load_model, predict
     from pipeline.ai.measure import bone_distances_mm, components, smoothed_hu
 
@@ -287,7 +303,9 @@ def _measure(
     for item in recipes:
         case = item.make()
         volume = case_volume(case, seed=item.seed)  # type: ignore[arg-type]
-        raw = predict(loaded, volume)[channel] >= threshold
+        raw = predict(loaded, volume)[spec.channel] >= spec.voxel_threshold
+        if spec.within_cranium:
+            raw = within_cranium(raw, volume, spec.bone_hu)
         found: dict[float | None, list[tuple[float, float, float]]] = {}
         hu = smoothed_hu(volume)  # once per study: the gate of pipeline.ai.measure.hu_gate
         for min_hu in MIN_HU_CANDIDATES:
@@ -296,7 +314,7 @@ def _measure(
             on_truth = np.bincount(labels[case.label].ravel(), minlength=count + 1)[1:] * volume.voxel_volume_ml
             far = bone_distances_mm(labels, count, volume, MAX_HU, cap)
             found[min_hu] = [(float(a), float(b), float(c)) for a, b, c in zip(sizes, far, on_truth, strict=True)]
-        out.append(_Study(bool(case.label.any()), case.volume_ml, found))
+        out.append(ValidationStudy(bool(case.label.any()), case.volume_ml, found))
     return out
 
 
@@ -308,6 +326,7 @@ def calibrate_min_volume(
     device: str = "auto",
     floor_ml: float = 0.1,
     component_candidates_ml: Iterable[float] = COMPONENT_CANDIDATES_ML,
+    min_bleed_ml: float = 0.0,
 ) -> Calibration:
     """Choose the study-level rule and the study probability on validation studies.
 
@@ -318,16 +337,41 @@ def calibrate_min_volume(
     among ties, the smallest median relative volume error on validation bleeds of 2 ml
     and more, then the volume threshold with the widest gap to the nearest study on
     either side (it sits in the geometric middle of that gap), so that the rule does not
-    hinge on one validation study. The slope of the study probability is then fitted
+    hinge on one validation study. The gap's lower edge is never below the candidate's
+    ``min_component_ml`` (or ``floor_ml``): a study's volume is 0 or at least one
+    component, so when every validation normal measures 0 ml the threshold is set by
+    the rule itself, not by an arbitrary floor. The slope of the study probability is then fitted
     (:func:`fit_slope`). Use seeds that neither training nor the final evaluation uses;
     never the independent test source.
+
+    ``min_bleed_ml``: validation bleeds smaller than this take no part in choosing the
+    rule or fitting the slope (a goal stated for bleeds of 2 ml and more should not let
+    a 1 ml validation bleed pull the threshold down to where specks on normal heads lie);
+    they are still measured and reported in :attr:`Calibration.studies`.
     """
     spec = next(f for f in model.spec.findings if f.label == (finding_label or model.spec.findings[0].label))
-    studies = _measure(model, recipes, spec.channel, spec.voxel_threshold, device)
+    studies = _measure(model, recipes, spec, device)
+    return choose_rule(
+        studies, floor_ml=floor_ml, component_candidates_ml=component_candidates_ml, min_bleed_ml=min_bleed_ml
+    )
 
-    def volumes(min_hu: float | None, component: float, bone: float) -> list[tuple[bool, float, float]]:
+
+def choose_rule(
+    studies: list[ValidationStudy],
+    *,
+    floor_ml: float = 0.1,
+    component_candidates_ml: Iterable[float] = COMPONENT_CANDIDATES_ML,
+    min_bleed_ml: float = 0.0,
+) -> Calibration:
+    """The choice of :func:`calibrate_min_volume` on studies already measured."""
+
+    def volumes(
+        min_hu: float | None, component: float, bone: float, everyone: bool = False
+    ) -> list[tuple[bool, float, float]]:
         rows = []
         for st in studies:
+            if st.truth and st.truth_ml < min_bleed_ml and not everyone:
+                continue
             kept = [(ml, hit) for ml, far, hit in st.components[min_hu] if ml >= component and far >= bone]
             rows.append((st.truth, sum(ml for ml, _ in kept), st.truth_ml))
         return rows
@@ -337,7 +381,7 @@ def calibrate_min_volume(
         for component in sorted(component_candidates_ml):
             for bone in BONE_DISTANCE_CANDIDATES_MM:
                 rows = volumes(min_hu, component, bone)
-                youden, margin, threshold = _best_threshold([(t, v) for t, v, _ in rows], floor_ml)
+                youden, margin, threshold = _best_threshold([(t, v) for t, v, _ in rows], max(floor_ml, component))
                 errors = [abs(v - ml) / ml for t, v, ml in rows if t and ml >= 2.0]
                 error = round(float(np.median(errors)), 2) if errors else 0.0
                 choices.append((youden, -error, margin, -bone, threshold, component, min_hu))
@@ -346,16 +390,19 @@ def calibrate_min_volume(
     chosen = [(t, v) for t, v, _ in rows]
     threshold = round(threshold, 2)
     sensitivity, specificity = _rates(chosen, threshold)
+    slope = fit_slope(chosen, threshold)
+    rows = volumes(min_hu, component, -bone, everyone=True)
     return Calibration(
         min_volume_ml=threshold,
         min_component_ml=component,
         sensitivity=sensitivity,
         specificity=specificity,
-        studies=chosen,
+        studies=[(t, v) for t, v, _ in rows],
         min_bone_distance_mm=-bone,
         min_hu=min_hu,
         max_hu=MAX_HU,
-        slope=fit_slope(chosen, threshold),
+        slope=slope,
         volume_relative_error_median=-error,
         truth_ml=[ml for _, _, ml in rows],
+        min_bleed_ml=min_bleed_ml,
     )

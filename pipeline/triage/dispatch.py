@@ -303,6 +303,20 @@ def _dispatch_again(session: Session, study_uid: str) -> bool:
     return True
 
 
+def _dispatched_runs(session_factory: sessionmaker[Session]) -> list[tuple[str, str]]:
+    """``(StudyInstanceUID, flow run id)`` of every dispatched study's latest revision
+    (the id is empty where the run was never created)."""
+    other = aliased(TriageRun)
+    latest = select(func.max(other.revision)).where(other.study_id == Study.id).scalar_subquery()
+    with session_scope(session_factory, readonly=True) as session:
+        rows = session.execute(
+            select(Study.StudyInstanceUID, TriageRun.flow_run_id)
+            .join(TriageRun, TriageRun.study_id == Study.id)
+            .where(Study.state == StudyState.dispatched, TriageRun.revision == latest)
+        ).all()
+    return [(uid, run or "") for uid, run in rows]
+
+
 def recover_interrupted(session_factory: sessionmaker[Session], *, running_is_stale_after: float | None) -> list[str]:
     """Send back to ``stable`` the studies whose flow run can no longer finish.
 
@@ -316,14 +330,7 @@ def recover_interrupted(session_factory: sessionmaker[Session], *, running_is_st
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
-    other = aliased(TriageRun)
-    latest = select(func.max(other.revision)).where(other.study_id == Study.id).scalar_subquery()
-    with session_scope(session_factory, readonly=True) as session:
-        rows = session.execute(
-            select(Study.StudyInstanceUID, TriageRun.flow_run_id)
-            .join(TriageRun, TriageRun.study_id == Study.id)
-            .where(Study.state == StudyState.dispatched, TriageRun.revision == latest)
-        ).all()
+    rows = _dispatched_runs(session_factory)
     recovered: list[str] = []
     now = datetime.now(UTC)
     with get_client(sync_client=True) as client:
@@ -367,14 +374,7 @@ def recover_from_dead_workers(session_factory: sessionmaker[Session], work_pool:
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
-    other = aliased(TriageRun)
-    latest = select(func.max(other.revision)).where(other.study_id == Study.id).scalar_subquery()
-    with session_scope(session_factory, readonly=True) as session:
-        rows = session.execute(
-            select(Study.StudyInstanceUID, TriageRun.flow_run_id)
-            .join(TriageRun, TriageRun.study_id == Study.id)
-            .where(Study.state == StudyState.dispatched, TriageRun.revision == latest, TriageRun.flow_run_id != "")
-        ).all()
+    rows = [(uid, run) for uid, run in _dispatched_runs(session_factory) if run]
     if not rows:
         return []
     recovered: list[str] = []

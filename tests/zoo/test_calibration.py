@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipeline.lab.evaluate import _best_threshold, _rates
+from pipeline.lab.evaluate import MIN_HU_CANDIDATES, ValidationStudy, _best_threshold, _rates, choose_rule
 
 pytestmark = pytest.mark.usefixtures("atlas")  # the real head-CT atlas the phantom is made of
 
@@ -33,3 +33,34 @@ def test_overlap_keeps_the_best_youden_index() -> None:
     # Nothing better exists among all cuts.
     for cut in (0.1, 1.0, 2.5, 4.0, 6.0, 9.0):
         assert sum(_rates(volumes, cut)) - 1 <= youden + 1e-9
+
+
+def _study(truth_ml: float, found_ml: float) -> ValidationStudy:
+    """A validation study whose one component, far from bone, measured ``found_ml``."""
+    return ValidationStudy(
+        truth_ml > 0, truth_ml, {m: [(found_ml, 6.0, min(found_ml, truth_ml))] for m in MIN_HU_CANDIDATES}
+    )
+
+
+def test_bleeds_under_the_goals_size_do_not_pull_the_threshold_down() -> None:
+    """Normals find up to 0.5 ml; a 1 ml bleed is measured 0.6 ml; the others 3 ml and more."""
+    studies = [_study(0.0, v) for v in (0.0, 0.2, 0.5)] + [_study(1.0, 0.6)] + [_study(m, m) for m in (3.0, 8.0, 20.0)]
+
+    everyone = choose_rule(studies)
+    goal = choose_rule(studies, min_bleed_ml=2.0)
+
+    assert everyone.min_volume_ml == pytest.approx(math.sqrt(0.5 * 0.6), abs=0.01)  # hugging the normals
+    assert goal.min_volume_ml == pytest.approx(math.sqrt(0.5 * 3.0), abs=0.01)  # the middle of the wide gap
+    assert (goal.sensitivity, goal.specificity) == (1.0, 1.0)
+    assert len(goal.studies) == 7 and goal.fitted_studies == 6  # the 1 ml bleed is reported, not fitted
+    assert goal.finding_fields()["study_probability"]["fitted_on"].startswith("6 validation studies")
+
+
+def test_with_every_normal_at_0_ml_the_gap_starts_at_the_component_size() -> None:
+    """A normal study measures 0 ml or at least one component: nothing lies between."""
+    studies = [_study(0.0, 0.0) for _ in range(4)] + [_study(m, m * 0.8) for m in (2.5, 6.0, 15.0)]
+
+    calibration = choose_rule(studies, component_candidates_ml=(0.5,))
+
+    assert calibration.min_component_ml == 0.5
+    assert calibration.min_volume_ml == pytest.approx(math.sqrt(0.5 * 2.0), abs=0.01)  # not sqrt(0.1 * 2.0)
