@@ -288,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
                 result = one_run(name, folders, n, work)
                 results[name].append(result)
                 cpu = f"  {result.cpu_per_image * 1000:6.2f} ms CPU/image" if result.cpu_per_image is not None else ""
-                print(f"run {run + 1} {name:<13} {result.images_per_second:8.1f} images/s{cpu}", flush=True)
+                print(
+                    f"run {run + 1} {name:<13} {result.images_per_second:8.1f} images/s{cpu}"
+                    f"  (load {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
     med = {t: statistics.median(r.images_per_second for r in v) for t, v in results.items()}
     print(f"\nsenders {args.senders}, median of {args.runs} runs (load average {os.getloadavg()[0]:.1f} at end):")
     for name, rate in med.items():
@@ -299,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         for other in ("orthanc", "storescp"):
             if mine in med and other in med:
                 print(f"{mine}/{other} = {med[mine] / med[other]:.2f}")
+    for mine in ("radtriage", "radtriage-w1"):
+        if mine in med and "baseline" in med:  # the change itself, within the same runs
+            print(f"{mine}/baseline = {med[mine] / med['baseline']:.2f}")
     return 0
 
 

@@ -7,7 +7,10 @@ receives the dataset's bytes as each PDU brings them and asks the kernel to star
 writing back every :data:`WRITEBACK_BYTES` (``sync_file_range(SYNC_FILE_RANGE_WRITE)``,
 which does not wait), so by the last PDU most of the file is on its way to the disk.
 The fsync itself still comes after the last byte and before the rename: the durable
-path (:mod:`pipeline.archive.store`) is unchanged.
+path (:mod:`pipeline.archive.store`) is unchanged. It starts as soon as the last byte is
+written (:meth:`Spool.flush_ahead`, called by the receiver when the message is complete,
+before the C-STORE handler even runs), in the archive's writer pool, so it overlaps
+everything the handler does before it needs the file.
 
 A spool that cannot write (disk full, ...) gives up quietly and the store falls back to
 writing the bytes it holds in memory, which reports the error the usual way. A spool
@@ -21,6 +24,7 @@ import ctypes.util
 import logging
 import os
 import weakref
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -59,7 +63,15 @@ class Spool:
     request before using the file.
     """
 
-    def __init__(self, path: Path, fd: int, key: tuple[str, str, str, str | None], *, writeback: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        fd: int,
+        key: tuple[str, str, str, str | None],
+        *,
+        writeback: bool,
+        flusher: Executor | None = None,
+    ) -> None:
         self.path = path
         self.key = key
         self.size = 0
@@ -67,7 +79,15 @@ class Spool:
         self._fd = fd
         self._writeback = writeback and _sync_file_range is not None
         self._kicked = 0
+        self._flusher = flusher
+        self._flushing: Future[None] | None = None
+        self._written_since_flush = False
         self._finalizer = weakref.finalize(self, _close_and_remove, fd, path)
+
+    @property
+    def flushing(self) -> bool:
+        """Whether :meth:`flush_ahead` started the fdatasync (:meth:`finish` then only waits)."""
+        return self._flushing is not None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data``; on an OS error stop spooling (the caller's bytes are the fallback)."""
@@ -79,12 +99,30 @@ class Spool:
                 written = os.write(self._fd, view)
                 view = view[written:]
                 self.size += written
+            if self._flushing is not None:
+                self._written_since_flush = True  # not covered: finish() syncs again
             if self._writeback and self.size - self._kicked >= WRITEBACK_BYTES:
                 _sync_file_range(self._fd, self._kicked, self.size - self._kicked, _SYNC_FILE_RANGE_WRITE)  # type: ignore[operator]
                 self._kicked = self.size
         except OSError as err:
             log.info("spooling %s stopped (%s); the instance is written from memory instead", self.path.name, err)
             self.discard()
+
+    def flush_ahead(self) -> None:
+        """The last byte is written: start the ``fdatasync`` now in the flusher pool
+        (nothing without one, i.e. with fsync off). Call once, from the thread that writes."""
+        if self.failed or self._flusher is None or self._flushing is not None:
+            return
+        self._flushing = self._flusher.submit(self._flush)  # the task holds self: fd stays open
+
+    def _flush(self) -> None:
+        os.fdatasync(self._fd)
+
+    def _wait_for_flush(self) -> None:
+        """Wait for :meth:`flush_ahead`'s fdatasync; its OSError is raised here."""
+        flushing, self._flushing = self._flushing, None
+        if flushing is not None:
+            flushing.result()
 
     def finish(self, *, fsync: bool) -> tuple[Path, int]:
         """fsync (``fdatasync``) and close the file; return it and its size. The caller
@@ -93,7 +131,9 @@ class Spool:
             raise RuntimeError(f"spool {self.path} failed; store from memory instead")
         self._finalizer.detach()
         try:
-            if fsync:
+            ahead = self._flushing is not None
+            self._wait_for_flush()  # even with fsync off: the fd must not close under it
+            if fsync and (not ahead or self._written_since_flush):
                 os.fdatasync(self._fd)
         except OSError:
             _close_and_remove(self._fd, self.path)
@@ -104,4 +144,8 @@ class Spool:
     def discard(self) -> None:
         """Close and remove the file (idempotent)."""
         self.failed = True
+        try:
+            self._wait_for_flush()
+        except OSError:
+            pass  # the file goes anyway
         self._finalizer()

@@ -63,6 +63,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pipeline.archive import Archive, OutOfResourcesError
 from pipeline.archive.header import DatasetError, InvalidUIDError, SOPClassMismatchError
 from pipeline.config import DicomSettings, PeerRight, Settings
+from pipeline.dicom.fastsend import enable as send_fast
 from pipeline.dicom.find import FIND_MODELS, handle_find
 from pipeline.dicom.peers import may
 from pipeline.dicom.retrieve import add_retrieve_contexts, retrieve_handlers
@@ -138,28 +139,31 @@ def handle_store(event: evt.Event, archive: Archive, dicom: DicomSettings | None
     """
     request = event.request
     calling = event.assoc.requestor.ae_title
+    # The response (and every later one) as one prebuilt PDU written by this thread:
+    # no pydicom encoding and no hand-over to the DUL thread, ~0.6 ms less per image.
+    send_fast(event.assoc)
     spool = spool_of(request.DataSet)  # written while it arrived (pipeline.dicom.spooling)
     if dicom is not None and not may(dicom, calling, "store"):
         if spool is not None:
             spool.discard()
         log.warning("C-STORE from %s refused with 0x0124: it may not store (allowed_aes, [[dicom.peers]])", calling)
         return _status(STATUS_NOT_AUTHORISED, f"AE {calling.strip()} may not store here")
-    with request.DataSet.getbuffer() as encoded:  # type: ignore[union-attr]
-        try:
-            archive.store_encoded(
-                encoded,
-                transfer_syntax=event.context.transfer_syntax,
-                sop_class_uid=str(request.AffectedSOPClassUID),
-                sop_instance_uid=str(request.AffectedSOPInstanceUID),
-                source_ae=calling,
-                spool=spool,
-            )
-        except tuple(cls for cls, _ in _FAILURES) as err:
-            code = next(c for cls, c in _FAILURES if isinstance(err, cls))
-            log.warning(
-                "C-STORE from %s of %s refused with 0x%04X: %s", calling, request.AffectedSOPInstanceUID, code, err
-            )
-            return _status(code, str(err))
+    # The buffer's own bytes (BytesIO shares them, no copy), which the header parser's
+    # BytesIO shares in turn; a memoryview would be copied there.
+    encoded = request.DataSet.getvalue()  # type: ignore[union-attr]
+    try:
+        archive.store_encoded(
+            encoded,
+            transfer_syntax=event.context.transfer_syntax,
+            sop_class_uid=str(request.AffectedSOPClassUID),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            source_ae=calling,
+            spool=spool,
+        )
+    except tuple(cls for cls, _ in _FAILURES) as err:
+        code = next(c for cls, c in _FAILURES if isinstance(err, cls))
+        log.warning("C-STORE from %s of %s refused with 0x%04X: %s", calling, request.AffectedSOPInstanceUID, code, err)
+        return _status(code, str(err))
     return 0x0000
 
 

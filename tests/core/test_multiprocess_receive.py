@@ -152,7 +152,10 @@ def test_kill_9_one_receiver_process_mid_send(tmp_path: Path) -> None:
         os.kill(busiest, signal.SIGKILL)
         outputs = [s.communicate(timeout=180)[0] for s in senders]
         acked = [f for out in outputs for f in _acknowledged(out)]
-        assert 40 <= len(acked) < SENDERS * SLICES, f"{len(acked)} acknowledged: the kill did not land mid-send"
+        # 40 were indexed before the kill; each sender may not have had the Success of its last one yet
+        assert 40 - SENDERS <= len(acked) < SENDERS * SLICES, (
+            f"{len(acked)} acknowledged: the kill did not land mid-send"
+        )
 
         # the supervisor said so, removed the dead process's temp files and started another
         server.wait_log(rf"\(pid {busiest}\) was killed by SIGKILL[\s\S]*of 2 started[\s\S]*accepting on", 60)
@@ -189,7 +192,8 @@ def test_kill_9_whole_service_mid_send(tmp_path: Path) -> None:
     server.proc.wait(timeout=30)
     outputs = [s.communicate(timeout=180)[0] for s in senders]
     acked = [f for out in outputs for f in _acknowledged(out)]
-    assert 40 <= len(acked) < SENDERS * SLICES, f"{len(acked)} acknowledged: the kill did not land mid-send"
+    # 40 were indexed before the kill; each sender may not have had the Success of its last one yet
+    assert 40 - SENDERS <= len(acked) < SENDERS * SLICES, f"{len(acked)} acknowledged: the kill did not land mid-send"
 
     restarted = _serve(tmp_path, data_dir)
     try:
