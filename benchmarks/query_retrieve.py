@@ -22,13 +22,20 @@ Then, interleaved (radtriage, Orthanc, radtriage, ...):
 * C-MOVE: dcmtk ``movescu -S`` of the study to a dcmtk ``storescp`` (``+B``, no fsync);
 * C-GET: dcmtk ``getscu -S`` of the study (getscu stores what comes back itself).
 
-radtriage runs in this process (:func:`pipeline.dicom.receiver.start_receiver`, with the
-retrieve contexts and handlers, the way ``radtriage serve`` composes them); Orthanc is
-the Debian package with synced storage, no compression, no plugins. Everything goes to
-127.0.0.1 with ``TCP_NODELAY=1``; as root the benchmark re-executes itself in a private
-network namespace (see ``benchmarks/ingest.py``).
+radtriage runs as its own process (:func:`pipeline.dicom.receiver.start_receiver`, with the
+retrieve contexts and handlers, the way ``radtriage serve`` composes them: :data:`SERVE`);
+Orthanc is the Debian package with synced storage, no compression, no plugins. Everything
+goes to 127.0.0.1 with ``TCP_NODELAY=1``; as root the benchmark re-executes itself in a
+private network namespace (see ``benchmarks/ingest.py``). Beside images/s, the server
+CPU per retrieve (user + system of the server process, from ``/proc``) is printed.
 
-Usage: ``python benchmarks/query_retrieve.py [--studies 10000] [--finds 40] [--images 300] [--runs 3]``.
+``--baseline DIR`` adds the radtriage of another source tree (e.g. ``git worktree add
+/tmp/base HEAD``) to the same interleaved runs: on a shared, loaded machine only such
+side-by-side figures say whether a change helped. ``--profile DIR`` then records one more
+C-MOVE and C-GET of each radtriage with ``py-spy`` (collapsed stacks, ``--nonblocking``).
+
+Usage: ``python benchmarks/query_retrieve.py [--studies 10000] [--finds 40] [--images 300] [--runs 3]
+[--baseline DIR] [--profile DIR]``.
 """
 
 from __future__ import annotations
@@ -36,12 +43,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import date, timedelta
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +63,72 @@ from netns import maybe_enter_netns  # noqa: E402 - the benchmarks' own helper, 
 
 from benchmarks.ingest import ENV, HOST, count_files, start_storescp, stop, wait_echo  # noqa: E402
 from pipeline.triage.prefect_server import free_port  # noqa: E402
+
+# The radtriage server of a source tree (argv: tree, storage, storescp port), in its own
+# process so that its CPU can be read and a baseline tree can run beside it: that tree's
+# own start_radtriage, its port on stdout; then for each line on stdin its CPU seconds so
+# far (getrusage: exact, and with the threads that have ended), until stdin closes.
+SERVE = """
+import logging, resource, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1] + "/benchmarks")
+import query_retrieve
+logging.basicConfig(level=logging.ERROR)
+server, archive = query_retrieve.start_radtriage(Path(sys.argv[2]), int(sys.argv[3]))
+print(server.server_address[1], flush=True)
+for _ in sys.stdin:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(usage.ru_utime, usage.ru_stime, flush=True)
+server.shutdown()
+archive.engine.dispose()
+"""
+
+
+def serve(tree: Path, storage: Path, store_port: int) -> tuple[subprocess.Popen[str], int]:
+    """:data:`SERVE` for ``tree``: the process and the DICOM port it listens on."""
+    storage.mkdir(parents=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE, str(tree), str(storage), str(store_port)],
+        env=ENV,
+        cwd=tree,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=(storage / "log.txt").open("wb"),
+        text=True,
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    if not line.strip().isdigit():
+        raise RuntimeError(f"radtriage of {tree} did not start: see {storage / 'log.txt'}")
+    return proc, int(line)
+
+
+def cpu_seconds(proc: subprocess.Popen[str]) -> tuple[float, float]:
+    """User and system CPU seconds of a :data:`SERVE` process so far."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    user, system = proc.stdout.readline().split()
+    return float(user), float(system)
+
+
+def stat_cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` (``/proc``, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+Cpu = Callable[[], tuple[float, float]]
+
+
+def end(proc: subprocess.Popen[str]) -> None:
+    if proc.stdin:
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def start_orthanc(storage: Path, port: int, store_port: int) -> subprocess.Popen[bytes]:
@@ -226,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-associations", type=int, default=4, help="parallel storescu per server to load")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "qr-bench", help="generated files")
     parser.add_argument("--no-netns", action="store_true", help="do not enter a private network namespace")
+    parser.add_argument("--baseline", type=Path, help="another source tree: its radtriage runs beside, as 'baseline'")
+    parser.add_argument("--profile", type=Path, help="py-spy stacks of one more C-MOVE and C-GET per radtriage")
     args = parser.parse_args(argv)
     import logging
 
@@ -237,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     folders = find_study_files(args.cache, args.studies, args.load_associations)
     generated = time.perf_counter() - t0
+    trees = {"radtriage": ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="radtriage-qr-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
         work = Path(tmp)
         images = work / "images"
@@ -246,8 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         (work / "orthanc").mkdir()
         orthanc_port = free_port()
         orthanc = start_orthanc(work / "orthanc", orthanc_port, store_port)
-        server, archive = start_radtriage(work / "radtriage", store_port)
-        ports = {"radtriage": ("RADTRIAGE", int(server.server_address[1])), "orthanc": ("ORTHANC", orthanc_port)}
+        servers = {name: serve(tree, work / name, store_port) for name, tree in trees.items()}
+        ports = {name: ("RADTRIAGE", port) for name, (_, port) in servers.items()}
+        ports["orthanc"] = ("ORTHANC", orthanc_port)
+        pids = {**{name: proc.pid for name, (proc, _) in servers.items()}, "orthanc": orthanc.pid}
+        cpus: dict[str, Cpu] = {name: partial(cpu_seconds, proc) for name, (proc, _) in servers.items()}
+        cpus["orthanc"] = partial(stat_cpu_seconds, orthanc.pid)
         results: dict[tuple[str, str], list[float]] = {}
         matches: dict[tuple[str, str], list[int]] = {}
         try:
@@ -261,83 +345,122 @@ def main(argv: list[str] | None = None) -> int:
                         seconds, count = findscu(aec, port, keys)
                         results.setdefault((name, kind), []).append(seconds)
                         matches.setdefault((name, kind), []).append(count)
-                if matches[("radtriage", kind)] != matches[("orthanc", kind)]:
-                    raise RuntimeError(
-                        f"{kind}: radtriage and Orthanc disagree on the matches: "
-                        f"{matches[('radtriage', kind)]} vs {matches[('orthanc', kind)]}"
-                    )
+                for name in trees:
+                    if matches[(name, kind)] != matches[("orthanc", kind)]:
+                        raise RuntimeError(
+                            f"{kind}: {name} and Orthanc disagree on the matches: "
+                            f"{matches[(name, kind)]} vs {matches[('orthanc', kind)]}"
+                        )
+            retrieve = Retrieve(work, store_port, study_uid, args.images, results)
             for run in range(args.runs):
                 for name, (aec, port) in ports.items():
-                    retrieve_once(name, aec, port, run, work, store_port, study_uid, args.images, results)
+                    retrieve.once(name, aec, port, pids[name], cpus[name], f"{run}")
+            if args.profile:
+                args.profile.mkdir(parents=True, exist_ok=True)
+                for name in trees:
+                    retrieve.once(name, *ports[name], pids[name], cpus[name], "profile", profile=args.profile / name)
         finally:
             stop(orthanc)
-            server.shutdown()
-            archive.engine.dispose()
+            for proc, _ in servers.values():
+                end(proc)
     print(
         f"C-FIND over {args.studies} one-instance studies (+1 CT study), STUDY level, dcmtk findscu -S, "
-        f"{args.finds} queries of each kind per server, interleaved; loaded into both by storescu "
-        f"({args.load_associations} associations per server, both at once) in {loaded:.0f} s "
-        f"(files generated or taken from the cache in {generated:.0f} s)"
+        f"{args.finds} queries of each kind per server, interleaved; loaded into each by storescu "
+        f"({args.load_associations} associations per server, all at once) in {loaded:.0f} s "
+        f"(files generated or taken from the cache in {generated:.0f} s); "
+        f"load average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end, {os.cpu_count()} cores"
     )
-    print(f"{'query':22} {'matches':>8} {'radtriage ms':>20} {'orthanc ms':>20} {'ratio':>13}")
-    print(f"{'':22} {'median':>8} {'median':>10} {'p95':>9} {'median':>10} {'p95':>9} {'median':>6} {'p95':>6}")
+    print(f"{'query':22} {'server':10} {'matches':>8} {'ms median':>10} {'p95':>8} {'ratio':>7} {'p95':>6}")
     for kind in find_queries(1):
-        ours, theirs = results[("radtriage", kind)], results[("orthanc", kind)]
-        n = statistics.median(matches[("radtriage", kind)])
-        om, op, tm, tp = (
-            1000 * v for v in (statistics.median(ours), p95(ours), statistics.median(theirs), p95(theirs))
-        )
-        # ratio > 1: radtriage is faster (Orthanc's latency / radtriage's)
-        print(f"{kind:22} {n:8.0f} {om:10.1f} {op:9.1f} {tm:10.1f} {tp:9.1f} {tm / om:5.2f}x {tp / op:5.2f}x")
+        theirs = results[("orthanc", kind)]
+        tm, tp = 1000 * statistics.median(theirs), 1000 * p95(theirs)
+        for name in trees:
+            ours = results[(name, kind)]
+            n = statistics.median(matches[(name, kind)])
+            om, op = 1000 * statistics.median(ours), 1000 * p95(ours)
+            # ratio > 1: radtriage is faster (Orthanc's latency / radtriage's)
+            print(f"{kind:22} {name:10} {n:8.0f} {om:10.1f} {op:8.1f} {tm / om:6.2f}x {tp / op:5.2f}x")
+        print(f"{kind:22} {'orthanc':10} {n:8.0f} {tm:10.1f} {tp:8.1f}")
     print("(C-FIND ratio: Orthanc's latency / radtriage's, > 1 means radtriage is faster)")
     print()
-    print(f"{args.images} images of 512x512 CT, {args.runs} runs each, median images/s (all runs)")
-    print(f"{'operation':10} {'radtriage':>10} {'orthanc':>10} {'ratio':>7}")
+    print(f"{args.images} images of 512x512 CT, {args.runs} runs each, interleaved; median (all runs)")
+    print(
+        f"{'operation':10} {'server':10} {'images/s':>9} {'ratio':>7} {'CPU ms':>7} {'of sys':>6} {'min':>5}   per run"
+    )
     for op in ("C-MOVE", "C-GET"):
-        ours_s, theirs_s = (statistics.median(results[(n, op)]) for n in ("radtriage", "orthanc"))
-        runs = (
-            " ".join(f"{v:.0f}" for v in results[("radtriage", op)])
-            + " | "
-            + " ".join(f"{v:.0f}" for v in results[("orthanc", op)])
-        )
-        print(f"{op:10} {ours_s:10.0f} {theirs_s:10.0f} {ours_s / theirs_s:6.2f}x   ({runs})")
+        theirs_s = statistics.median(results[("orthanc", op)])
+        for name in (*trees, "orthanc"):
+            rate, cpu = results[(name, op)], results[(name, op + " CPU")]
+            system = 1000 * statistics.median(results[(name, op + " sys")])
+            ratio = f"{statistics.median(rate) / theirs_s:6.2f}x" if name != "orthanc" else ""
+            runs = " ".join(f"{v:.0f}" for v in rate) + " | " + " ".join(f"{1000 * v:.0f}" for v in cpu)
+            print(
+                f"{op:10} {name:10} {statistics.median(rate):9.0f} {ratio:>7} "
+                f"{1000 * statistics.median(cpu):7.0f} {system:6.0f} {1000 * min(cpu):5.0f}   ({runs})"
+            )
+    print("(images/s ratio: radtriage's / Orthanc's, > 1: radtriage is faster. CPU: user + system CPU ms of the")
+    print(" server process while the retrieve ran, median; 'of sys': its system part; min: the least CPU of a run,")
+    print(" the figure a loaded machine disturbs least; Orthanc's in 10 ms ticks; per run: images/s | CPU ms)")
     return 0
 
 
-def retrieve_once(
-    name: str,
-    aec: str,
-    port: int,
-    run: int,
-    work: Path,
-    store_port: int,
-    study_uid: str,
-    images: int,
-    results: dict[tuple[str, str], list[float]],
-) -> None:
-    """One C-MOVE to storescp and one C-GET of the CT study from one server; images/s into ``results``."""
-    scp_dir = work / f"scp-{name}-{run}"
-    scp_dir.mkdir()
-    scp = start_storescp(scp_dir, store_port)
-    key = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}"]
-    try:
-        wait_echo(store_port, "STORESCP", scp)
-        s = timed(["movescu", "-S", "-aet", "MOVESCU", "-aec", aec, "-aem", "STORESCP", *key, HOST, str(port)])
-    finally:
-        stop(scp)
-    got = count_files(scp_dir / "out")
-    if got != images:
-        raise RuntimeError(f"C-MOVE from {name} delivered {got} of {images}")
-    results.setdefault((name, "C-MOVE"), []).append(images / s)
-    get_dir = work / f"get-{name}-{run}"
-    get_dir.mkdir()
-    s = timed(["getscu", "-S", "-aet", "GETSCU", "-aec", aec, "-od", str(get_dir), *key, HOST, str(port)])
-    got = count_files(get_dir)
-    if got != images:
-        raise RuntimeError(f"C-GET from {name} delivered {got} of {images}")
-    results.setdefault((name, "C-GET"), []).append(images / s)
-    shutil.rmtree(scp_dir, ignore_errors=True)
-    shutil.rmtree(get_dir, ignore_errors=True)
+class Retrieve:
+    """C-MOVE to storescp and C-GET of the CT study, timed, with the server's CPU."""
+
+    def __init__(
+        self, work: Path, store_port: int, study_uid: str, images: int, results: dict[tuple[str, str], list[float]]
+    ) -> None:
+        self.work, self.store_port, self.study_uid, self.images = work, store_port, study_uid, images
+        self.results = results
+
+    def once(self, name: str, aec: str, port: int, pid: int, cpu: Cpu, run: str, profile: Path | None = None) -> None:
+        """One C-MOVE and one C-GET from ``name`` (server process ``pid``); images/s and
+        server CPU seconds into the results (not for a profiled run), or py-spy stacks
+        into ``profile``-move.txt and ``profile``-get.txt."""
+        key = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={self.study_uid}"]
+        scp_dir = self.work / f"scp-{name}-{run}"
+        scp_dir.mkdir()
+        scp = start_storescp(scp_dir, self.store_port)
+        try:
+            wait_echo(self.store_port, "STORESCP", scp)
+            move = ["movescu", "-S", "-aet", "MOVESCU", "-aec", aec, "-aem", "STORESCP", *key, HOST, str(port)]
+            self._measure(name, "C-MOVE", move, pid, cpu, profile and profile.with_name(profile.name + "-move.txt"))
+        finally:
+            stop(scp)
+        got = count_files(scp_dir / "out")
+        if got != self.images:
+            raise RuntimeError(f"C-MOVE from {name} delivered {got} of {self.images}")
+        get_dir = self.work / f"get-{name}-{run}"
+        get_dir.mkdir()
+        get = ["getscu", "-S", "-aet", "GETSCU", "-aec", aec, "-od", str(get_dir), *key, HOST, str(port)]
+        self._measure(name, "C-GET", get, pid, cpu, profile and profile.with_name(profile.name + "-get.txt"))
+        got = count_files(get_dir)
+        if got != self.images:
+            raise RuntimeError(f"C-GET from {name} delivered {got} of {self.images}")
+        shutil.rmtree(scp_dir, ignore_errors=True)
+        shutil.rmtree(get_dir, ignore_errors=True)
+
+    def _measure(self, name: str, op: str, cmd: list[str], pid: int, cpu: Cpu, profile: Path | None) -> None:
+        spy = None
+        if profile is not None:
+            # --gil: only samples that hold the GIL, i.e. Python's CPU, not its waits
+            spy_args = ["record", "--pid", str(pid), "--rate", "2000", "--threads", "--gil"]
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).with_name("py-spy")), *spy_args, "--format", "raw", "--output", str(profile)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)  # attached
+        before = cpu()
+        seconds = timed(cmd)
+        after = cpu()
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+            return
+        self.results.setdefault((name, op), []).append(self.images / seconds)
+        self.results.setdefault((name, op + " CPU"), []).append(sum(after) - sum(before))
+        self.results.setdefault((name, op + " sys"), []).append(after[1] - before[1])
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ On an association where :func:`enable` was called:
 
 * ``assoc.send_c_store`` with a :class:`StoredFile` (what
   :func:`pipeline.dicom.substore.prepare` yields when the peer accepted the instance's
-  stored transfer syntax) reads the archived file's dataset (everything after the File
-  Meta Information) straight into the PDUs' buffer, with no decoding: the peer gets the
-  very bytes that were received. Its response is read and decoded in the same thread
+  stored transfer syntax), or :func:`store_status` with an :class:`ArchivedFile`, sends
+  the archived file's dataset (everything after the File Meta Information) with no
+  decoding, from the file mapped into memory (:class:`pipeline.dicom.wire.FilePdus`): the
+  peer gets the very bytes that were received. Its response is read and decoded in the same thread
   (a :class:`pipeline.dicom.lease.Lease` on the socket), not handed over by the DUL
   thread; what that thread cannot take goes back to pynetdicom. Anything else goes the
   normal way;
@@ -28,7 +29,7 @@ On an association where :func:`enable` was called:
 
 The bytes (command sets, PDUs, the C-STORE-RSP) are :mod:`pipeline.dicom.wire`'s, each
 byte-equal to pynetdicom's. A message is written to the socket by the thread that sends
-it (:func:`_write`), in one ``sendall`` under the tuned socket's send lock, when the DUL
+it (:func:`_write`), in one ``sendall`` (``sendmsg``) under the tuned socket's send lock, when the DUL
 has nothing queued; else it is queued as one ``P_DATA`` primitive (:class:`EncodedPData`)
 that passes the state machine once.
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,13 +55,16 @@ from pydicom import config, dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pynetdicom import _config, _handlers, evt
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
 from pipeline.dicom import lease
 from pipeline.dicom.tuning import _LowLatencySocket, _skipped
 from pipeline.dicom.wire import (
+    FilePdus,
     NotAsStored,
+    StoreResponse,
     decode_store_response,
     encode_command,
     encode_pdus,
@@ -128,6 +133,11 @@ def _peer_max_pdu(assoc: Any) -> int:
 
 
 def _send_msg(assoc: Any, original: Any, primitive: Any, context_id: int) -> None:
+    finals = assoc.__dict__.get(_FINALS)
+    if finals and isinstance(primitive, C_GET | C_MOVE) and primitive.MessageIDBeingRespondedTo is not None:
+        final = finals.pop(primitive.MessageIDBeingRespondedTo, None)
+        if final is not None:
+            final(primitive)
     encoded = None if _pynetdicom_debug() else encode_command(primitive)
     if encoded is None:
         setattr(assoc, _DIRECT, False)  # its PDUs are queued one by one: keep later ones behind
@@ -135,6 +145,22 @@ def _send_msg(assoc: Any, original: Any, primitive: Any, context_id: int) -> Non
         return
     command, dataset = encoded
     _write(assoc, encode_pdus(context_id, command, dataset, _peer_max_pdu(assoc)))
+
+
+_FINALS = "_radtriage_finals"
+
+
+def final_response(assoc: Any, msg_id: int, fill: Callable[[Any], None]) -> None:
+    """Have ``fill`` set the status, counts and identifier of the next C-GET/C-MOVE-RSP
+    pynetdicom sends for request ``msg_id`` on ``assoc`` (its final response, after
+    :mod:`pipeline.dicom.subops` ran the sub-operations pynetdicom did not count)."""
+    assoc.__dict__.setdefault(_FINALS, {})[msg_id] = fill
+
+
+def send_command(assoc: Any, context_id: int, command: bytes) -> bool:
+    """Send a message that is only a command set (e.g. a pending C-GET-RSP) as bytes;
+    ``False`` when the connection is gone."""
+    return _write(assoc, encode_pdus(context_id, command, None, _peer_max_pdu(assoc)))
 
 
 _OWNER = "_radtriage_fast_owner"
@@ -178,36 +204,94 @@ def _send_c_store(
     originator_aet: str | None = None,
     originator_id: int | None = None,
 ) -> Dataset:
+    _check_established(assoc)
+    if not isinstance(dataset, StoredFile):
+        return _guarded(assoc, original, dataset, msg_id, priority, originator_aet, originator_id)
+    archived = ArchivedFile(
+        str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), dataset.stored_path, dataset.stored_syntax
+    )
+    result = _send_archived(assoc, archived, msg_id, priority, originator_aet, originator_id)
+    return _status_dataset(result) if isinstance(result, StoreResponse) else result
+
+
+def _check_established(assoc: Any) -> None:
     if not assoc.is_established or assoc.dul.state_machine.current_state != "Sta6":
         # Also when the peer's A-ABORT has been handled but the reactor has not yet said
         # so (``is_established``): pynetdicom would send and wait out the DIMSE timeout.
         raise RuntimeError("The association with a peer SCP must be established before sending a C-STORE request")
-    if not isinstance(dataset, StoredFile):
-        return _guarded(assoc, original, dataset, msg_id, priority, originator_aet, originator_id)
-    sop_class, sop_instance = str(dataset.SOPClassUID), str(dataset.SOPInstanceUID)
-    cx_id = _context_id(assoc, sop_class, dataset.stored_syntax)
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivedFile:
+    """What :class:`StoredFile` says, without a dataset: for :func:`store_status`."""
+
+    SOPClassUID: str
+    SOPInstanceUID: str
+    stored_path: Path
+    stored_syntax: str
+
+
+def store_status(
+    assoc: Any,
+    item: ArchivedFile | Dataset,
+    msg_id: int,
+    originator_aet: str | None = None,
+    originator_id: int | None = None,
+) -> int:
+    """One C-STORE on an :func:`enable`-d association and the Status of its response: an
+    :class:`ArchivedFile` as its bytes (as :class:`StoredFile`), any other dataset by
+    ``assoc.send_c_store``. Raises what ``send_c_store`` raises, and :class:`AttributeError`
+    when no response came (a DIMSE timeout: pynetdicom has aborted)."""
+    if not isinstance(item, ArchivedFile):
+        return int(
+            assoc.send_c_store(item, msg_id=msg_id, originator_aet=originator_aet, originator_id=originator_id).Status
+        )
+    _check_established(assoc)
+    result = _send_archived(assoc, item, msg_id, 2, originator_aet, originator_id)
+    if isinstance(result, StoreResponse):
+        return result.status
+    return int(result.Status)
+
+
+def _send_archived(
+    assoc: Any,
+    archived: ArchivedFile,
+    msg_id: int,
+    priority: int,
+    originator_aet: str | None,
+    originator_id: int | None,
+) -> StoreResponse | Dataset:
+    """The C-STORE of an archived file as its bytes: the response read in this thread,
+    or pynetdicom's status dataset (it read the response, or the file went its way)."""
+    sop_class, sop_instance = archived.SOPClassUID, archived.SOPInstanceUID
+    cx_id = _context_id(assoc, sop_class, archived.stored_syntax)
     command = store_request(msg_id, priority, sop_class, sop_instance, originator_aet, originator_id)
+    original = assoc.__dict__[_ORIGINAL_SEND]
     try:
         if cx_id is None:
             raise NotAsStored(sop_instance)
-        pdus = file_pdus(cx_id, command, dataset, _peer_max_pdu(assoc))
+        pdus = file_pdus(cx_id, command, archived, _peer_max_pdu(assoc))
     except NotAsStored:  # pynetdicom converts between the uncompressed syntaxes, or refuses
-        full = dcmread(dataset.stored_path)
+        full = dcmread(archived.stored_path)
         return _guarded(assoc, original, full, msg_id, priority, originator_aet, originator_id)
     held = lease.take(assoc)  # taken before the request goes: its response may come at once
     setattr(assoc, _OWNER, threading.get_ident())
     try:
-        if not _write(assoc, pdus):
+        try:
+            written = _write(assoc, pdus)
+        finally:
+            pdus.close()
+        if not written:
             raise OSError(f"the connection to the peer closed while sending {sop_instance}")
         if held is not None:
             try:
-                status = _read_response(held, msg_id, cx_id, sop_instance)
+                response = _read_response(held, msg_id, cx_id, sop_instance)
             except TimeoutError:
                 held.end()
                 assoc._handle_no_response()  # the DIMSE timeout expired: pynetdicom aborts
                 return Dataset()
-            if status is not None:
-                return status
+            if response is not None:
+                return response
             held.end(reserve=False)  # pynetdicom reads it, or learns what became of the association
         _, rsp = assoc.dimse.get_msg(block=True)
     finally:
@@ -220,9 +304,9 @@ def _send_c_store(
     return assoc._check_received_status(rsp)  # type: ignore[no-any-return]
 
 
-def _read_response(held: lease.Lease, msg_id: int, cx_id: int, sop_instance: str) -> Dataset | None:
-    """The status of the C-STORE-RSP read in this thread (as ``_check_received_status``
-    makes it), or ``None``: the lease ended without one, for pynetdicom's ``get_msg``."""
+def _read_response(held: lease.Lease, msg_id: int, cx_id: int, sop_instance: str) -> StoreResponse | None:
+    """The C-STORE-RSP read in this thread, or ``None``: the lease ended without one,
+    for pynetdicom's ``get_msg``."""
     assoc = held.assoc
     pdu = held.read_pdu(assoc.dimse_timeout)
     if pdu is None:
@@ -232,20 +316,26 @@ def _read_response(held: lease.Lease, msg_id: int, cx_id: int, sop_instance: str
         held.hand_back(pdu)  # another message, or one pynetdicom must judge
         return None
     held.end()
+    observer = getattr(assoc, _OBSERVER, None)
+    if observer is not None:
+        observer(rsp.sop_instance_uid or sop_instance, rsp.status)
+    return rsp
+
+
+def _status_dataset(rsp: StoreResponse) -> Dataset:
+    """The status dataset pynetdicom's ``_check_received_status`` makes of a response."""
     status = Dataset()
     status[_STATUS] = DataElement(_STATUS, "US", rsp.status)
     if rsp.offending_element is not None:
         status.OffendingElement = list(rsp.offending_element)
     if rsp.error_comment is not None:
         status.ErrorComment = rsp.error_comment
-    observer = getattr(assoc, _OBSERVER, None)
-    if observer is not None:
-        observer(rsp.sop_instance_uid or sop_instance, rsp.status)
     return status
 
 
 _STATUS = 0x00000900
 _OBSERVER = "_radtriage_store_observer"
+_ORIGINAL_SEND = "_radtriage_original_send_c_store"
 
 
 def observe_responses(assoc: Any, observer: Callable[[str, int], None] | None) -> None:
@@ -267,7 +357,7 @@ def _guarded(assoc: Any, original: Any, *args: Any) -> Dataset:
 _DIRECT = "_radtriage_direct"
 
 
-def _write(assoc: Any, pdus: bytearray) -> bool:
+def _write(assoc: Any, pdus: bytearray | FilePdus) -> bool:
     """Send whole PDUs: straight to the socket from this thread when nothing else is
     queued for the DUL, else through the DUL in order. ``False``: the connection is gone.
 
@@ -279,12 +369,15 @@ def _write(assoc: Any, pdus: bytearray) -> bool:
     """
     dul = assoc.dul
     if not getattr(assoc, _DIRECT, False) or dul.to_provider_queue.queue or dul.state_machine.current_state != "Sta6":
-        dul.send_pdu(EncodedPData(pdus))
+        dul.send_pdu(EncodedPData(bytearray(pdus.buffer()) if isinstance(pdus, FilePdus) else pdus))
         return True
     sock = dul.socket
     with sock.send_lock:
         try:
-            sock.socket.sendall(pdus)
+            if isinstance(pdus, FilePdus):
+                pdus.send(sock.socket)
+            else:
+                sock.socket.sendall(pdus)
         except (OSError, AttributeError):  # closed (the socket may be None by now)
             dul.event_queue.put("Evt17")  # transport connection closed, as pynetdicom does
             return False
@@ -354,6 +447,7 @@ def enable(assoc: Any) -> bool:
         _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
     dimse.send_msg = partial(_send_msg, assoc, dimse.send_msg)  # type: ignore[union-attr]
     dimse.get_msg = partial(_get_msg, assoc, dimse.get_msg)  # type: ignore[union-attr]
+    assoc.__dict__[_ORIGINAL_SEND] = assoc.send_c_store
     assoc.send_c_store = partial(_send_c_store, assoc, assoc.send_c_store)
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):  # they only write its log
         for event, handler in _STANDARD_HANDLERS:

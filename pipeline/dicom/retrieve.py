@@ -21,7 +21,10 @@ Status     Meaning (final response)
 =========  ==========================================================================
 
 pynetdicom runs the exchange (the generator protocol of ``EVT_C_MOVE``/``EVT_C_GET``);
-what is offered and sent for each instance is decided in :mod:`.substore`. Because
+what is offered and sent for each instance is decided in :mod:`.substore`. Where the
+fast path is on (:mod:`.fastsend`), the handler runs the C-STORE sub-operations itself
+(:mod:`.subops`, ~250 µs of CPU less per instance) and pynetdicom sends only the final
+response; else it yields one ``(0xFF00, dataset)`` per instance to pynetdicom's loop. Because
 pynetdicom has no way to answer a C-MOVE with a failure before it has associated with
 the destination, a refused C-MOVE (no right, bad identifier) to a known destination
 opens and releases one empty association to it, then answers the failure with an
@@ -52,7 +55,7 @@ from sqlalchemy import select
 from pipeline.archive import Archive
 from pipeline.config import Settings
 from pipeline.dicom.audit import audit_dimse
-from pipeline.dicom.fastsend import enable, observe_responses
+from pipeline.dicom.fastsend import ArchivedFile, enable, observe_responses
 from pipeline.dicom.lease import unreserve
 from pipeline.dicom.peers import may, move_destination
 from pipeline.dicom.status import (
@@ -62,6 +65,7 @@ from pipeline.dicom.status import (
     STATUS_TOO_MANY_MATCHES,
     STATUS_UNKNOWN_DESTINATION,
 )
+from pipeline.dicom.subops import Exchange, final, send_all, usable
 from pipeline.dicom.substore import (
     Match,
     StoreAssociation,
@@ -252,31 +256,82 @@ class _Retrieve:
         )
 
     def suboperations(
-        self, accepted: Callable[[], dict[str, set[str]]], left_out: set[str], fast: Callable[[], bool]
+        self,
+        accepted: Callable[[], dict[str, set[str]]],
+        left_out: set[str],
+        fast: Callable[[], bool],
+        exchange: Callable[[], Exchange | None],
     ) -> Iterator[Any]:
-        """pynetdicom's ``(status, dataset)`` yields, one per instance, stopping at C-CANCEL."""
+        """pynetdicom's ``(status, dataset)`` yields, one per instance, stopping at C-CANCEL;
+        none when :mod:`pipeline.dicom.subops` runs the sub-operations (``exchange``)."""
+        own = exchange()
+        if own is not None and usable(own):
+            self._send_all(own, accepted, left_out, fast)
+            return
         for m in self.matches:
             if self.event.is_cancelled:
-                self.tally.cancelled = True
-                log.info(
-                    "%s from %s cancelled after %d of %d",
-                    self.operation,
-                    self.calling,
-                    len(self.sent),
-                    len(self.matches),
-                )
-                self.finish()
+                self._cancelled()
                 yield 0xFE00, failed_list(self.tally.failed(self.sent))
                 return
-            ds, problem = prepare(m, {} if m.SOPInstanceUID in left_out else accepted(), fast=fast())
-            if m.SOPInstanceUID in left_out:
-                problem = "more SOP classes and transfer syntaxes than one association holds"
-            if problem:
-                self.tally.problems[m.SOPInstanceUID] = problem
-                log.warning("%s sub-operation for %s fails: %s", self.operation, m.SOPInstanceUID, problem)
+            ds = self._dataset(m, accepted, left_out, fast)
             self.sent.append(m.SOPInstanceUID)
             yield 0xFF00, ds
         self.finish()
+
+    def _dataset(
+        self, m: Match, accepted: Callable[[], dict[str, set[str]]], left_out: set[str], fast: Callable[[], bool]
+    ) -> Dataset:
+        ds, problem = prepare(m, {} if m.SOPInstanceUID in left_out else accepted(), fast=fast())
+        if m.SOPInstanceUID in left_out:
+            problem = "more SOP classes and transfer syntaxes than one association holds"
+        if problem:
+            self.tally.problems[m.SOPInstanceUID] = problem
+            log.warning("%s sub-operation for %s fails: %s", self.operation, m.SOPInstanceUID, problem)
+        return ds
+
+    def _cancelled(self) -> None:
+        self.tally.cancelled = True
+        log.info("%s from %s cancelled after %d of %d", self.operation, self.calling, len(self.sent), len(self.matches))
+        self.finish()
+
+    def _send_all(
+        self,
+        exchange: Exchange,
+        accepted: Callable[[], dict[str, set[str]]],
+        left_out: set[str],
+        fast: Callable[[], bool],
+    ) -> None:
+        """The sub-operations by :func:`pipeline.dicom.subops.send_all`, and the final
+        response pynetdicom sends given its status, counts and Failed SOP Instance UID List."""
+        matches = self.matches
+
+        def item(i: int) -> ArchivedFile | Dataset:
+            m = matches[i]
+            if fast() and m.SOPInstanceUID not in left_out and m.TransferSyntaxUID in accepted().get(m.SOPClassUID, ()):
+                return ArchivedFile(m.SOPClassUID, m.SOPInstanceUID, m.path, m.TransferSyntaxUID)  # as prepare() does
+            return self._dataset(m, accepted, left_out, fast)
+
+        progress = send_all(
+            exchange,
+            [m.SOPInstanceUID for m in matches],
+            item,
+            lambda: self.event.is_cancelled,
+            self.sent,
+            self.tally.record,
+        )
+        if progress.cancelled:
+            self._cancelled()
+        else:
+            self.finish()
+        counts = self.tally.counts(self.sent)
+        final(
+            exchange,
+            final_status(len(matches), counts, progress.cancelled),
+            counts,
+            self.tally.failed(self.sent),
+            len(matches) - len(self.sent) if progress.cancelled else None,
+            self.event.context.transfer_syntax,
+        )
 
     def finish(self, **outcome: object) -> None:
         counts = self.tally.counts(self.sent)
@@ -344,8 +399,12 @@ def handle_move(event: evt.Event, settings: Settings, archive: Archive) -> Itera
     if not job.matches:
         job.finish()
         return
+
+    def exchange() -> Exchange | None:
+        return Exchange.of(event, store.assoc, move=True) if store.assoc is not None and store.fast else None
+
     try:
-        yield from job.suboperations(store.accepted, left_out, lambda: store.fast)
+        yield from job.suboperations(store.accepted, left_out, lambda: store.fast, exchange)
     finally:
         if not job.audited:  # the requestor went away mid-move
             job.finish(aborted=True)
@@ -375,8 +434,12 @@ def handle_get(event: evt.Event, settings: Settings, archive: Archive) -> Iterat
     fast = enable(event.assoc)  # the receiver tuned it at EVT_CONN_OPEN
     event.assoc.bind(evt.EVT_DIMSE_RECV, job.tally.on_dimse_recv)
     observe_responses(event.assoc, job.tally.record)
+
+    def exchange() -> Exchange | None:
+        return Exchange.of(event, event.assoc, move=False) if fast else None
+
     try:
-        yield from job.suboperations(accepted, set(), lambda: fast)
+        yield from job.suboperations(accepted, set(), lambda: fast, exchange)
     finally:
         unreserve(event.assoc)  # the requestor's next message is read at once
         observe_responses(event.assoc, None)

@@ -1,8 +1,9 @@
 """The C-STORE sub-operations of a C-MOVE or C-GET: what to offer, what to send, the tally.
 
-pynetdicom runs the sub-operations itself (it opens the C-MOVE destination's association
-when the handler yields the address, and sends each dataset the handler yields), so
-this module decides everything around that:
+pynetdicom opens the C-MOVE destination's association when the handler yields the
+address, and either sends each dataset the handler yields or lets
+:mod:`pipeline.dicom.subops` run the sub-operations; this module decides everything
+around that:
 
 * :func:`store_contexts`: the presentation contexts to propose to a C-MOVE destination:
   per SOP class, one context per stored compressed transfer syntax (the file goes as it

@@ -41,8 +41,9 @@ unless its logger is at DEBUG (:func:`quiet_pdu_summaries`), and
 (:func:`remembered_uid_checks`): together ~20 ms less CPU per association for a
 requestor that proposes every storage SOP class (dcmtk getscu).
 
-This module, :mod:`pipeline.dicom.fastsend` (the sending side) and
-:mod:`pipeline.dicom.lease` (responses read by the sender) are the only code that
+This module, :mod:`pipeline.dicom.fastsend` (the sending side),
+:mod:`pipeline.dicom.lease` (responses read by the sender) and
+:mod:`pipeline.dicom.subops` (a retrieve's sub-operations) are the only code that
 touches pynetdicom's internals. It was written
 against pynetdicom 3.0.4 (pinned exactly in pyproject.toml); with any other layout it
 leaves the association untouched and says so with a WARNING (once per process and

@@ -13,7 +13,10 @@ cover returns ``None``, for the caller to go pynetdicom's way (PS3.7 6.3, E; PS3
 
 from __future__ import annotations
 
+import mmap
 import os
+import socket
+import ssl
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +168,31 @@ def store_request(
     return struct.pack("<HHII", 0, 0, 4, len(body)) + body
 
 
+class SuboperationResponses:
+    """The pending C-GET-RSP or C-MOVE-RSP command sets of one request (Status 0xFF00, no
+    identifier), as pynetdicom encodes them: everything but the four counts built once."""
+
+    def __init__(self, move: bool, sop_class: str, msg_id: int) -> None:
+        head = [
+            _element(0x0002, "UI", sop_class),
+            _element(0x0100, "US", 0x8021 if move else 0x8010),
+            _element(0x0120, "US", msg_id),
+            _element(0x0800, "US", _NO_DATA_SET),
+            _element(0x0900, "US", 0xFF00),
+        ]
+        body = b"".join(e for e in head if e is not None)
+        self._prefix = struct.pack("<HHII", 0, 0, 4, len(body) + 4 * 10) + body
+
+    def pending(self, remaining: int, completed: int, failed: int, warning: int) -> bytes:
+        """The command set of one pending response with these Number of ... Sub-operations."""
+        return self._prefix + _COUNTS.pack(
+            0, 0x1020, 2, remaining, 0, 0x1021, 2, completed, 0, 0x1022, 2, failed, 0, 0x1023, 2, warning
+        )
+
+
+_COUNTS = struct.Struct("<" + "HHIH" * 4)
+
+
 # -- PDUs -------------------------------------------------------------------------------
 
 
@@ -175,30 +203,36 @@ def fragment_length(max_pdu: int) -> int:
     return min(UNLIMITED_FRAGMENT, (max_pdu - 6) & ~1)
 
 
+_PDU_HEADER = struct.Struct(">BBLLBB")  # P-DATA-TF type, reserved, length; PDV length, context, control
+
+
 def _layout(context_id: int, command: bytes, data_length: int, max_pdu: int) -> tuple[bytearray, list[tuple[int, int]]]:
     """A buffer with every PDU's headers and the command set in place, and the
-    ``(offset, length)`` of each dataset fragment in it, still to be filled."""
+    ``(offset, length)`` of each dataset fragment in it, still to be filled.
+
+    Every dataset PDU but the last has the same header: it is packed once and copied
+    (a 512x512 image to a 16 KiB peer is 33 PDUs)."""
     size = fragment_length(max_pdu)
-    pieces = [(command[i : i + size], True) for i in range(0, len(command), size)]
-    data_fragments = [min(size, data_length - i) for i in range(0, data_length, size)]
-    total = sum(12 + len(p) for p, _ in pieces) + sum(12 + n for n in data_fragments)
-    buffer = bytearray(total)
+    n_data = -(-data_length // size)
+    buffer = bytearray(12 * (-(-len(command) // size) + n_data) + len(command) + data_length)
     pos = 0
-    slots: list[tuple[int, int]] = []
-
-    def header(length: int, control: int) -> None:
-        nonlocal pos
-        struct.pack_into(">BBLLBB", buffer, pos, 0x04, 0, length + 6, length + 2, context_id, control)
-        pos += 12
-
-    for i, (piece, _) in enumerate(pieces):
-        header(len(piece), 0x03 if i == len(pieces) - 1 else 0x01)
-        buffer[pos : pos + len(piece)] = piece
-        pos += len(piece)
-    for i, n in enumerate(data_fragments):
-        header(n, 0x02 if i == len(data_fragments) - 1 else 0x00)
-        slots.append((pos, n))
-        pos += n
+    for i in range(0, len(command), size):
+        piece = command[i : i + size]
+        control = 0x03 if i + size >= len(command) else 0x01
+        _PDU_HEADER.pack_into(buffer, pos, 0x04, 0, len(piece) + 6, len(piece) + 2, context_id, control)
+        buffer[pos + 12 : pos + 12 + len(piece)] = piece
+        pos += 12 + len(piece)
+    if not n_data:
+        return buffer, []
+    step = 12 + size
+    starts = range(pos, pos + step * (n_data - 1), step)
+    full = _PDU_HEADER.pack(0x04, 0, size + 6, size + 2, context_id, 0x00)
+    for start in starts:
+        buffer[start : start + 12] = full
+    last_pos, last = pos + step * (n_data - 1), data_length - size * (n_data - 1)
+    _PDU_HEADER.pack_into(buffer, last_pos, 0x04, 0, last + 6, last + 2, context_id, 0x02)
+    slots = [(start + 12, size) for start in starts]
+    slots.append((last_pos + 12, last))
     return buffer, slots
 
 
@@ -217,11 +251,57 @@ class NotAsStored(Exception):
     """The file is not what the index says (another transfer syntax, no group length)."""
 
 
-def file_pdus(context_id: int, command: bytes, stored: Archived, max_pdu: int) -> bytearray:
-    """The PDUs of a C-STORE-RQ whose dataset is read from the archived file, no copy between.
+class FilePdus:
+    """The PDUs of a C-STORE-RQ whose dataset is an archived file's bytes, as I/O vectors:
+    each PDU's header, then its fragment of the file mapped into memory (``mmap``).
 
-    The dataset goes from the page cache into the PDUs' buffer in one ``preadv`` (each
-    fragment's place in it one I/O vector), after one ``pread`` of the file's beginning.
+    :meth:`send` writes them with ``sendmsg``, which copies the fragments from the page
+    cache into the socket once: no buffer to allocate and fill per image (for a 512x512
+    CT image that was most of the sending side's CPU). :meth:`buffer` joins them, for a
+    message that must go through pynetdicom's DUL. Archived files are never rewritten in
+    place (the archive renames a new file into place), so a mapped file cannot shrink
+    while it is sent. :meth:`close` when done.
+    """
+
+    def __init__(self, parts: list[bytes | memoryview], mapped: mmap.mmap | None, view: memoryview | None) -> None:
+        self.parts = parts
+        self._mapped = mapped
+        self._view = view
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def buffer(self) -> bytes:
+        return b"".join(self.parts)
+
+    def send(self, sock: socket.socket) -> None:
+        """All of it, as ``sendall`` would (raises :class:`OSError` as it does)."""
+        if isinstance(sock, ssl.SSLSocket):  # TLS has no sendmsg: encrypted from one buffer
+            sock.sendall(self.buffer())
+            self.parts = []
+            return
+        parts = self.parts
+        while parts:
+            sent = sock.sendmsg(parts[:_IOV_MAX])
+            while parts and sent >= len(parts[0]):
+                sent -= len(parts[0])
+                del parts[0]
+            if sent:  # a short send inside one part: go on from there
+                parts[0] = memoryview(parts[0])[sent:]
+
+    def close(self) -> None:
+        self.parts = []  # the slices of the mapping go first
+        if self._view is not None:
+            self._view.release()
+        if self._mapped is not None:
+            try:
+                self._mapped.close()
+            except BufferError:  # a slice still held somewhere: closed when it goes
+                pass
+
+
+def file_pdus(context_id: int, command: bytes, stored: Archived, max_pdu: int) -> FilePdus:
+    """The PDUs of a C-STORE-RQ whose dataset is read from the archived file (:class:`FilePdus`).
 
     Raises :class:`NotAsStored` when the file's File Meta Information does not say the
     transfer syntax the index has, or cannot be read quickly (the caller sends it the
@@ -233,29 +313,39 @@ def file_pdus(context_id: int, command: bytes, stored: Archived, max_pdu: int) -
         if meta is None or meta[1] != stored.stored_syntax:
             raise NotAsStored(str(stored.stored_path))
         start = meta[0]
-        length = os.fstat(fd).st_size - start
-        buffer, slots = _layout(context_id, command, length, max_pdu)
-        with memoryview(buffer) as view:
-            vectors = [view[pos : pos + n] for pos, n in slots]
-            offset = start
-            while vectors:
-                batch = vectors[:_IOV_MAX]
-                got = os.preadv(fd, batch, offset)
-                if not got:
-                    raise OSError(f"{stored.stored_path} ended while being sent (changed on disk?)")
-                offset += got
-                while got and got >= len(vectors[0]):  # whole vectors done
-                    got -= len(vectors[0])
-                    vectors[0].release()
-                    del vectors[0]
-                if got:  # a short read inside one: go on from there
-                    vectors[0] = vectors[0][got:]
+        file_size = os.fstat(fd).st_size
+        mapped, view = None, None
+        if file_size > start:
+            try:
+                mapped = mmap.mmap(fd, file_size, prot=mmap.PROT_READ)
+                view = memoryview(mapped)
+            except (OSError, ValueError):  # a file system that cannot map: read it
+                view = memoryview(_read_all(fd, file_size))
     finally:
         os.close(fd)
-    return buffer
+    size, length = fragment_length(max_pdu), file_size - start
+    parts: list[bytes | memoryview] = [bytes(_layout(context_id, command, 0, max_pdu)[0])]  # the command's PDU(s)
+    if view is not None:
+        full = _PDU_HEADER.pack(0x04, 0, size + 6, size + 2, context_id, 0x00)  # every dataset PDU's but the last
+        last = start + size * ((length - 1) // size)
+        for offset in range(start, last, size):
+            parts += (full, view[offset : offset + size])
+        n = file_size - last
+        parts += (_PDU_HEADER.pack(0x04, 0, n + 6, n + 2, context_id, 0x02), view[last:file_size])
+    return FilePdus(parts, mapped, view)
 
 
-_IOV_MAX = 1024  # I/O vectors per preadv (Linux's UIO_MAXIOV)
+def _read_all(fd: int, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = os.pread(fd, size - len(data), len(data))
+        if not chunk:
+            raise OSError("the archived file ended while being read (changed on disk?)")
+        data += chunk
+    return bytes(data)
+
+
+_IOV_MAX = 1024  # I/O vectors per sendmsg (Linux's UIO_MAXIOV)
 
 
 # -- the C-STORE response ---------------------------------------------------------------
