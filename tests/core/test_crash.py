@@ -22,25 +22,13 @@ from pipeline.index.db import create_index_engine, session_scope
 from pipeline.index.schema import Instance, Study, StudyState
 from pipeline.lab.synth import synth_study
 from tests.core.conftest import ENV, HOST, ROOT, ServeProcess, dataset_bytes, echoscu, write_config
+from tests.peers.dcmtk import acknowledged
 from tests.peers.radtriage import index_url
 
 pytestmark = pytest.mark.slow  # radtriage serve, killed mid-send
 
 
-def _acknowledged(storescu_output: str) -> list[str]:
-    """Files storescu got a Success response for, from its verbose log."""
-    acked, current = [], None
-    for line in storescu_output.splitlines():
-        sending = re.search(r"Sending file: (.+)$", line)
-        if sending:
-            current = sending.group(1).strip()
-        elif "Received Store Response (Success)" in line and current:
-            acked.append(current)
-            current = None
-    return acked
-
-
-def test_kill_9_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
+def test_kill_9_mid_send_loses_nothingacknowledged(tmp_path: Path) -> None:
     images = synth_study(tmp_path / "images", seed=21, slices=200, rows=256, cols=256)
     data_dir = tmp_path / "data"
     config = write_config(tmp_path / "radtriage.toml", data_dir)
@@ -65,7 +53,7 @@ def test_kill_9_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
         time.sleep(0.01)
     server.kill()  # SIGKILL
     output, _ = sender.communicate(timeout=60)
-    acked = _acknowledged(output)
+    acked = acknowledged(output)
     assert 30 <= len(acked) < len(images), f"{len(acked)} acknowledged: the kill did not land mid-send"
 
     restarted = ServeProcess(config).start()
@@ -81,7 +69,7 @@ def test_kill_9_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
             assert study.state == StudyState.received
         on_disk = {p.relative_to(data_dir).as_posix() for p in files}
         assert on_disk == indexed_paths, "orphan files or index rows without a file"
-        for sent in map(Path, acked):
+        for sent in acked:
             sop = dcmread(sent, stop_before_pixels=True).SOPInstanceUID
             kept = [p for p in files if p.name == f"{sop}.dcm"]
             assert kept, f"acknowledged {sent.name} ({sop}) is not in the archive"
@@ -155,7 +143,7 @@ def group_commit_child(data_dir: str, images: str) -> None:
         thread.join()
 
 
-def test_kill_9_inside_a_group_commit_loses_nothing_acknowledged(tmp_path: Path) -> None:
+def test_kill_9_inside_a_group_commit_loses_nothingacknowledged(tmp_path: Path) -> None:
     for i in range(WRITERS):
         synth_study(tmp_path / "images" / f"s{i}", seed=40 + i, slices=40, rows=64, cols=64)
     data_dir = tmp_path / "data"

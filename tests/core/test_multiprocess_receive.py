@@ -28,6 +28,7 @@ from pipeline.index.db import create_index_engine, session_scope
 from pipeline.index.schema import Instance
 from pipeline.lab.synth import synth_study
 from tests.core.conftest import ENV, HOST, ServeProcess, dataset_bytes, echoscu, write_config
+from tests.peers.dcmtk import acknowledged
 from tests.peers.radtriage import index_url
 
 SENDERS = 4
@@ -64,19 +65,6 @@ def _connections(pid: int, port: int) -> set[int]:
         if state == "01" and inode in inodes and int(local.split(":")[1], 16) == port:
             remote_ports.add(int(remote.split(":")[1], 16))
     return remote_ports
-
-
-def _acknowledged(storescu_output: str) -> list[Path]:
-    """Files storescu got a Success response for, from its verbose log."""
-    acked, current = [], None
-    for line in storescu_output.splitlines():
-        sending = re.search(r"Sending file: (.+)$", line)
-        if sending:
-            current = sending.group(1).strip()
-        elif "Received Store Response (Success)" in line and current:
-            acked.append(Path(current))
-            current = None
-    return acked
 
 
 def _studies(folder: Path) -> list[list[Path]]:
@@ -151,7 +139,7 @@ def test_kill_9_one_receiver_process_mid_send(tmp_path: Path) -> None:
         assert _connections(busiest, server.port), "no receiver process holds an association"
         os.kill(busiest, signal.SIGKILL)
         outputs = [s.communicate(timeout=180)[0] for s in senders]
-        acked = [f for out in outputs for f in _acknowledged(out)]
+        acked = [f for out in outputs for f in acknowledged(out)]
         # 40 were indexed before the kill; each sender may not have had the Success of its last one yet
         assert 40 - SENDERS <= len(acked) < SENDERS * SLICES, (
             f"{len(acked)} acknowledged: the kill did not land mid-send"
@@ -191,7 +179,7 @@ def test_kill_9_whole_service_mid_send(tmp_path: Path) -> None:
         os.kill(pid, signal.SIGKILL)
     server.proc.wait(timeout=30)
     outputs = [s.communicate(timeout=180)[0] for s in senders]
-    acked = [f for out in outputs for f in _acknowledged(out)]
+    acked = [f for out in outputs for f in acknowledged(out)]
     # 40 were indexed before the kill; each sender may not have had the Success of its last one yet
     assert 40 - SENDERS <= len(acked) < SENDERS * SLICES, f"{len(acked)} acknowledged: the kill did not land mid-send"
 
