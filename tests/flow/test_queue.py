@@ -30,8 +30,16 @@ def _store(rt: Runtime, files: list[Path], **attributes: str) -> str:
 
 
 def _head_ct(tmp_path: Path, seed: int, finding: str = "none") -> list[Path]:
+    """80 mm of a head CT as the model is made for: the head's whole width at 0.9 mm (128
+    pixels at synth's default 0.45 mm would be a 58 mm crop of brain with no skull in it)."""
     return synth_study(
-        tmp_path / f"ct{seed}", seed=seed, slices=16, rows=128, cols=128, volume=volume_generator(finding)
+        tmp_path / f"ct{seed}",
+        seed=seed,
+        slices=16,
+        rows=256,
+        cols=256,
+        spacing_zyx=(5.0, 0.9, 0.9),
+        volume=volume_generator(finding),
     )
 
 
