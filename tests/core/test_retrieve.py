@@ -7,6 +7,7 @@ counts the tools print, and a log line for every refusal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
@@ -165,15 +166,7 @@ def test_movescu_to_its_own_listener_pulls_a_study_uncompressed(qr: QR, tmp_path
 def test_movescu_to_storescp_series_and_instances_as_stored(qr: QR, tmp_path: Path) -> None:
     """storescp accepting every syntax gets the compressed files as they were stored."""
     out = tmp_path / "storescp"
-    out.mkdir()
-    scp = subprocess.Popen(
-        [require_tool("storescp"), "-aet", "STORESCP", "+xa", "-od", str(out), str(qr.store_port)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_port(qr.store_port)
+    with running_storescp(out, qr.store_port):
         keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": qr.study_uid, "SeriesInstanceUID": qr.series_uid}
         result = _dcmtk("movescu", qr, None, keys, "-aet", "MOVESCU", "-aem", "STORESCP")
         assert result.returncode == 0, _final(result)
@@ -195,9 +188,6 @@ def test_movescu_to_storescp_series_and_instances_as_stored(qr: QR, tmp_path: Pa
             JPEGLSLossless,
             RLELossless,
         }
-    finally:
-        scp.terminate()
-        scp.wait(10)
 
 
 def test_getscu_pulls_a_study_a_series_and_one_instance(qr: QR, tmp_path: Path) -> None:
@@ -226,6 +216,24 @@ def _wait_port(port: int, timeout: float = 20.0) -> None:
     while subprocess.run(["echoscu", HOST, str(port)], env=ENV, capture_output=True).returncode != 0:
         assert time.monotonic() < deadline, f"nothing answers C-ECHO on port {port}"
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def running_storescp(out: Path, port: int, *flags: str) -> Iterator[None]:
+    """dcmtk ``storescp`` accepting every transfer syntax into ``out`` on ``port`` until the block ends."""
+    out.mkdir(exist_ok=True)
+    scp = subprocess.Popen(
+        [require_tool("storescp"), "-aet", "STORESCP", "+xa", *flags, "-od", str(out), str(port)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(port)
+        yield
+    finally:
+        scp.terminate()
+        scp.wait(10)
 
 
 def _identifier(level: str, **keys: str) -> Dataset:
@@ -427,21 +435,10 @@ def test_files_go_as_their_stored_bytes_within_the_destinations_maximum_pdu(
 
     monkeypatch.setattr(fastsend, "file_pdus", counting)
     out = tmp_path / "storescp"
-    out.mkdir()
-    scp = subprocess.Popen(
-        [require_tool("storescp"), "-aet", "STORESCP", "+xa", "-pdu", max_pdu, "-od", str(out), str(qr.store_port)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_port(qr.store_port)
+    with running_storescp(out, qr.store_port, "-pdu", max_pdu):
         keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": qr.study_uid}
         result = _dcmtk("movescu", qr, None, keys, "-aet", "MOVESCU", "-aem", "STORESCP")
         assert result.returncode == 0, _final(result)
-    finally:
-        scp.terminate()
-        scp.wait(10)
     _check_arrived(qr, _received(out), set(qr.files), uncompressed=False)
     assert sorted(sent_fast) == sorted(qr.files)  # compressed ones too: storescp +xa accepts them
     # C-GET: getscu's storage SCP role, its own maximum PDU
@@ -554,22 +551,11 @@ def test_a_destination_that_aborts_fails_the_rest_at_once_and_the_next_move_work
     read = _counting_direct_reads(monkeypatch)
     keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": qr.study_uid}
     for abort, out in ((True, tmp_path / "aborting"), (False, tmp_path / "good")):
-        out.mkdir()
         flags = ["--abort-after"] if abort else []
-        scp = subprocess.Popen(
-            [require_tool("storescp"), "-aet", "STORESCP", "+xa", *flags, "-od", str(out), str(qr.store_port)],
-            env=ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            _wait_port(qr.store_port)
+        with running_storescp(out, qr.store_port, *flags):
             t0 = time.monotonic()
             result = _dcmtk("movescu", qr, None, keys, "-aet", "MOVESCU", "-aem", "STORESCP")
             took = time.monotonic() - t0
-        finally:
-            scp.terminate()
-            scp.wait(10)
         text = _final(result)
         if abort:
             assert took < 10, text  # not the 30 s DIMSE timeout

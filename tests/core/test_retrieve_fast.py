@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 import ssl
-import subprocess
 from pathlib import Path
 
 import pydicom
@@ -21,8 +20,8 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet, Verification
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as StudyMove
 
-from tests.core.conftest import ENV, HOST, require_tool
-from tests.core.test_retrieve import QR, _check_arrived, _dcmtk, _final, _identifier, _received, _wait_port
+from tests.core.conftest import HOST
+from tests.core.test_retrieve import QR, _check_arrived, _dcmtk, _final, _identifier, _received, running_storescp
 from tests.core.test_retrieve import qr as qr  # a fixture
 from tests.core.test_tls import pki as pki  # a fixture
 
@@ -151,19 +150,8 @@ def test_movescu_and_getscu_are_served_by_our_loop_and_by_pynetdicoms_alike(
         if mode == "pynetdicom":
             pynetdicom_log.setLevel(logging.DEBUG)
         out = tmp_path / f"storescp-{mode}"
-        out.mkdir()
-        scp = subprocess.Popen(
-            [require_tool("storescp"), "-aet", "STORESCP", "+xa", "-od", str(out), str(qr.store_port)],
-            env=ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            _wait_port(qr.store_port)
+        with running_storescp(out, qr.store_port):
             moved = _dcmtk("movescu", qr, None, keys, "-aet", "MOVESCU", "-aem", "STORESCP")
-        finally:
-            scp.terminate()
-            scp.wait(10)
         assert moved.returncode == 0, _final(moved)
         _check_arrived(qr, _received(out), set(qr.files), uncompressed=False)
         if mode == "pynetdicom":
