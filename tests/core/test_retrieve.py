@@ -23,7 +23,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGLSLossless, RLELossless, generate_uid
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, Association, build_role, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet, Verification
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as StudyMove
 from sqlalchemy import select
@@ -244,8 +244,10 @@ def _identifier(level: str, **keys: str) -> Dataset:
     return ds
 
 
-def _move(qr: QR, identifier: Dataset, destination: str, *, aet: str = "PYSCU", cancel_after: int = 0) -> list[Dataset]:
-    """C-MOVE with a pynetdicom SCU; every response, optionally C-CANCEL after some pendings."""
+def _move_responses(
+    qr: QR, identifier: Dataset, destination: str, *, aet: str = "PYSCU", cancel_after: int = 0, msg_id: int = 7
+) -> list[tuple[Dataset, Dataset | None]]:
+    """C-MOVE with a pynetdicom SCU; every ``(status, identifier)``, optionally C-CANCEL after some pendings."""
     ae = AE(ae_title=aet)
     ae.add_requested_context(StudyMove)
     # Not only C-MOVE, so that the receiver does not refuse an AE without the right at
@@ -253,15 +255,40 @@ def _move(qr: QR, identifier: Dataset, destination: str, *, aet: str = "PYSCU", 
     ae.add_requested_context(Verification)
     assoc = ae.associate(HOST, qr.port, ae_title="RADTRIAGE")
     assert assoc.is_established
-    responses: list[Dataset] = []
+    responses: list[tuple[Dataset, Dataset | None]] = []
     try:
-        for status, _ in assoc.send_c_move(identifier, destination, StudyMove, msg_id=7):
-            responses.append(status)
+        for status, found in assoc.send_c_move(identifier, destination, StudyMove, msg_id=msg_id):
+            responses.append((status, found))
             if cancel_after and len(responses) == cancel_after:
-                assoc.send_c_cancel(7, query_model=StudyMove)
+                assoc.send_c_cancel(msg_id, query_model=StudyMove)
     finally:
         assoc.release()
     return responses
+
+
+def _move(qr: QR, identifier: Dataset, destination: str, *, aet: str = "PYSCU", cancel_after: int = 0) -> list[Dataset]:
+    """The statuses of :func:`_move_responses`."""
+    return [status for status, _ in _move_responses(qr, identifier, destination, aet=aet, cancel_after=cancel_after)]
+
+
+def _get_requestor(
+    port: int, store: object, ct_syntaxes: list[str] | None = None, *, aet: str = "PYSCU", **associate: object
+) -> Association:
+    """An established pynetdicom C-GET requestor on radtriage at ``port``, taking CT (in
+    ``ct_syntaxes``, default pynetdicom's) in the storage SCP role through ``store``."""
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, ct_syntaxes or DEFAULT_TRANSFER_SYNTAXES)
+    assoc = ae.associate(
+        HOST,
+        port,
+        ae_title="RADTRIAGE",
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, store)],
+        **associate,
+    )
+    assert assoc.is_established
+    return assoc
 
 
 def _audits(qr: QR) -> list[AuditEvent]:
@@ -331,23 +358,13 @@ def test_bad_requests_get_their_status_and_a_log_line_and_the_next_works(
 
 def test_get_with_a_destination_that_takes_no_rle_fails_that_one_with_its_uid(qr: QR) -> None:
     """A C-GET requestor that offers CT only in JPEG-LS gets the RLE and plain ones failed and listed."""
-    ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(CTImageStorage, [JPEGLSLossless])
     got: list[str] = []
 
     def store(event: evt.Event) -> int:
         got.append(str(event.request.AffectedSOPInstanceUID))
         return 0x0000
 
-    assoc = ae.associate(
-        HOST,
-        qr.port,
-        ae_title="RADTRIAGE",
-        ext_neg=[build_role(CTImageStorage, scp_role=True)],
-        evt_handlers=[(evt.EVT_C_STORE, store)],
-    )
-    assert assoc.is_established
+    assoc = _get_requestor(qr.port, store, [JPEGLSLossless])
     try:
         responses = list(
             assoc.send_c_get(
@@ -514,15 +531,7 @@ def test_store_statuses_read_by_the_sender_count_as_the_destination_meant(
 
     listener = dest.start_server((HOST, qr.move_port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
     try:
-        ae = AE(ae_title="PYSCU")
-        ae.add_requested_context(StudyMove)
-        assoc = ae.associate(HOST, qr.port, ae_title="RADTRIAGE")
-        assert assoc.is_established
-        try:
-            study = _identifier("STUDY", StudyInstanceUID=qr.study_uid)
-            responses = list(assoc.send_c_move(study, "MOVESCU", StudyMove))
-        finally:
-            assoc.release()
+        responses = _move_responses(qr, _identifier("STUDY", StudyInstanceUID=qr.study_uid), "MOVESCU")
     finally:
         listener.shutdown()
     final, identifier = responses[-1]
@@ -574,9 +583,6 @@ def test_a_destination_that_aborts_fails_the_rest_at_once_and_the_next_move_work
 def test_a_c_cancel_mid_get_is_read_and_honoured(qr: QR) -> None:
     """The C-CANCEL arrives while the sending thread owns the socket: it is handed to
     pynetdicom, the C-GET stops with 0xFE00 and the association serves the next one."""
-    ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(CTImageStorage)
     got: list[str] = []
 
     def store(event: evt.Event) -> int:
@@ -584,14 +590,7 @@ def test_a_c_cancel_mid_get_is_read_and_honoured(qr: QR) -> None:
         got.append(str(event.request.AffectedSOPInstanceUID))
         return 0x0000
 
-    assoc = ae.associate(
-        HOST,
-        qr.port,
-        ae_title="RADTRIAGE",
-        ext_neg=[build_role(CTImageStorage, scp_role=True)],
-        evt_handlers=[(evt.EVT_C_STORE, store)],
-    )
-    assert assoc.is_established
+    assoc = _get_requestor(qr.port, store)
     study = _identifier("STUDY", StudyInstanceUID=qr.study_uid)
     try:
         responses = []

@@ -16,12 +16,22 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet, Verification
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as StudyMove
 
 from tests.core.conftest import HOST
-from tests.core.test_retrieve import QR, _check_arrived, _dcmtk, _final, _identifier, _received, running_storescp
+from tests.core.test_retrieve import (
+    QR,
+    _check_arrived,
+    _dcmtk,
+    _final,
+    _get_requestor,
+    _identifier,
+    _move_responses,
+    _received,
+    running_storescp,
+)
 from tests.core.test_retrieve import qr as qr  # a fixture
 from tests.core.test_tls import pki as pki  # a fixture
 
@@ -192,17 +202,7 @@ def test_another_pynetdicom_version_takes_the_normal_path_with_a_warning(
 
 def _get(qr: QR, store: object, *, cancel_after: int = 0) -> list[tuple[Dataset, Dataset | None]]:
     """C-GET of the study by a pynetdicom SCU that takes CT uncompressed; every response."""
-    ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate(
-        HOST,
-        qr.port,
-        ae_title="RADTRIAGE",
-        ext_neg=[build_role(CTImageStorage, scp_role=True)],
-        evt_handlers=[(evt.EVT_C_STORE, store)],
-    )
-    assert assoc.is_established
+    assoc = _get_requestor(qr.port, store)
     responses = []
     try:
         study = _identifier("STUDY", StudyInstanceUID=qr.study_uid)
@@ -281,15 +281,7 @@ def test_c_move_to_a_pynetdicom_destination_gets_the_move_originator(qr: QR, mon
 
     listener = dest.start_server((HOST, qr.move_port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
     try:
-        ae = AE(ae_title="PYSCU")
-        ae.add_requested_context(StudyMove)
-        assoc = ae.associate(HOST, qr.port, ae_title="RADTRIAGE")
-        assert assoc.is_established
-        try:
-            study = _identifier("STUDY", StudyInstanceUID=qr.study_uid)
-            responses = list(assoc.send_c_move(study, "MOVESCU", StudyMove, msg_id=21))
-        finally:
-            assoc.release()
+        responses = _move_responses(qr, _identifier("STUDY", StudyInstanceUID=qr.study_uid), "MOVESCU", msg_id=21)
     finally:
         listener.shutdown()
     assert runs == [len(qr.files)]
@@ -360,18 +352,8 @@ def test_c_get_over_tls_gets_every_file(
             got[str(event.request.AffectedSOPInstanceUID)] = bytes(event.dataset.PixelData)
             return 0x0000
 
-        ae = AE(ae_title="GETSCU")
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-        ae.add_requested_context(CTImageStorage, str(pydicom.dcmread(study_files[0]).file_meta.TransferSyntaxUID))
-        assoc = ae.associate(
-            HOST,
-            port,
-            ae_title="RADTRIAGE",
-            ext_neg=[build_role(CTImageStorage, scp_role=True)],
-            evt_handlers=[(evt.EVT_C_STORE, store)],
-            tls_args=(context, HOST),
-        )
-        assert assoc.is_established
+        stored_as = str(pydicom.dcmread(study_files[0]).file_meta.TransferSyntaxUID)
+        assoc = _get_requestor(port, store, [stored_as], aet="GETSCU", tls_args=(context, HOST))
         try:
             identifier = _identifier("STUDY", StudyInstanceUID=study)
             responses = list(assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet))
