@@ -12,7 +12,7 @@ handler runs :func:`send_all` instead, inside one step of pynetdicom's loop:
   when the peer accepted its stored transfer syntax, sent as its bytes with no dataset
   built (:func:`pipeline.dicom.fastsend.store_status`), else the decompressed or
   unsendable dataset of :func:`pipeline.dicom.substore.prepare`, through pynetdicom's own
-  ``send_c_store`` as before; the same Message IDs and Move Originator as pynetdicom's;
+  ``send_c_store`` as before; the same Message IDs as pynetdicom's, and the requestor as Move Originator;
 * each pending response is written as bytes (:class:`pipeline.dicom.wire.SuboperationResponses`);
 * a C-CANCEL (``event.is_cancelled``, as before), an A-ABORT or A-RELEASE-RQ of the
   requestor (what pynetdicom checks between yields) and a C-STORE that raises (a
@@ -60,7 +60,7 @@ class Exchange:
     msg_id: int  # the request's Message ID
     context_id: int  # the request's presentation context
     sop_class: str  # the request's Affected SOP Class UID
-    originator: str | None = None  # C-MOVE: our AE title, the Move Originator of each C-STORE
+    originator: str | None = None  # C-MOVE: the requestor's AE title, each C-STORE's Move Originator
 
     @classmethod
     def of(cls, event: Any, store: Any, *, move: bool) -> Exchange:
@@ -73,7 +73,8 @@ class Exchange:
             int(request.MessageID),
             int(event.context.context_id),
             str(request.AffectedSOPClassUID),
-            str(assoc.ae.ae_title) if move else None,
+            # PS3.7 9.1.1.1: the Move Originator is the AE that invoked the C-MOVE.
+            str(assoc.requestor.ae_title).strip() if move else None,
         )
 
 

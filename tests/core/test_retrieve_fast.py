@@ -264,7 +264,8 @@ def test_a_c_cancel_mid_get_ends_our_loop_with_the_remaining_count(qr: QR, monke
 
 @pytest.mark.slow
 def test_c_move_to_a_pynetdicom_destination_gets_the_move_originator(qr: QR, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each C-STORE of our loop names the C-MOVE's requestor's message as its originator."""
+    """Each C-STORE of our loop names the C-MOVE's requestor (its AE title, not ours) and
+    its message as the Move Originator."""
     runs = _count_own_loops(monkeypatch)
     originators: list[tuple[str, int]] = []
     dest = AE(ae_title="MOVESCU")
@@ -288,7 +289,7 @@ def test_c_move_to_a_pynetdicom_destination_gets_the_move_originator(qr: QR, mon
     final, identifier = responses[-1]
     assert final.Status == 0x0000 and identifier is None
     assert final.NumberOfCompletedSuboperations == len(qr.files)
-    assert originators == [("RADTRIAGE", 21)] * len(qr.files)
+    assert originators == [("PYSCU", 21)] * len(qr.files)
 
 
 @pytest.mark.slow
