@@ -33,6 +33,7 @@ from tests.core.test_retrieve import (
     running_storescp,
 )
 from tests.core.test_retrieve import qr as qr  # a fixture
+from tests.core.test_tls import modality_tls, tls_receiver_settings
 from tests.core.test_tls import pki as pki  # a fixture
 
 
@@ -299,7 +300,6 @@ def test_c_get_over_tls_gets_every_file(
     """Over TLS (no sendmsg, no lease) the files still go as their stored bytes, to a
     pynetdicom requestor (dcmtk's getscu has no TLS)."""
     from pipeline.archive import Archive
-    from pipeline.config import Settings
     from pipeline.dicom import fastsend
     from pipeline.dicom.receiver import start_receiver
     from pipeline.index.db import migrate
@@ -321,22 +321,9 @@ def test_c_get_over_tls_gets_every_file(
         return pdus
 
     monkeypatch.setattr(fastsend, "file_pdus", counting)
-    tls = ("+tls", str(pki / "modality.key"), str(pki / "modality.pem"), "+cf", str(pki / "ca.pem"))
-    settings = Settings(
-        storage={"data_dir": tmp_path / "data"},
-        dicom={
-            "bind": HOST,
-            "port": 0,
-            "allowed_aes": ["*"],
-            "peers": [{"ae_title": "GETSCU", "host": HOST, "port": 104, "allow": ["retrieve"]}],
-            "tls": {
-                "enabled": True,
-                "cert_file": pki / "server.pem",
-                "key_file": pki / "server.key",
-                "ca_file": pki / "ca.pem",
-                "require_client_cert": True,
-            },
-        },
+    tls = modality_tls(pki)
+    settings = tls_receiver_settings(
+        pki, tmp_path / "data", peers=[{"ae_title": "GETSCU", "host": HOST, "port": 104, "allow": ["retrieve"]}]
     )
     migrate(settings.index_url)
     archive = Archive(settings)

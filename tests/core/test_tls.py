@@ -62,9 +62,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_tls_with_client_certificates(pki: Path, tmp_path: Path, study_files: list[Path]) -> None:
-    settings = Settings(
-        storage={"data_dir": tmp_path / "data"},
+def tls_receiver_settings(pki: Path, data_dir: Path, **dicom: object) -> Settings:
+    """A receiver on an ephemeral loopback port that requires TLS with a client
+    certificate from the ``pki`` fixture's CA; ``dicom`` adds to its ``[dicom]``."""
+    return Settings(
+        storage={"data_dir": data_dir},
         dicom={
             "bind": HOST,
             "port": 0,
@@ -76,18 +78,24 @@ def test_tls_with_client_certificates(pki: Path, tmp_path: Path, study_files: li
                 "ca_file": pki / "ca.pem",
                 "require_client_cert": True,
             },
+            **dicom,
         },
     )
+
+
+def modality_tls(pki: Path) -> tuple[str, ...]:
+    """dcmtk's arguments for TLS with the modality's certificate from the ``pki`` fixture."""
+    return ("+tls", str(pki / "modality.key"), str(pki / "modality.pem"), "+cf", str(pki / "ca.pem"))
+
+
+def test_tls_with_client_certificates(pki: Path, tmp_path: Path, study_files: list[Path]) -> None:
+    settings = tls_receiver_settings(pki, tmp_path / "data")
     migrate(settings.index_url)
     archive = Archive(settings)
     server = start_receiver(settings, archive)
     port = int(server.server_address[1])
     try:
-        good = storescu(
-            port,
-            *study_files[:3],
-            extra=("+tls", str(pki / "modality.key"), str(pki / "modality.pem"), "+cf", str(pki / "ca.pem")),
-        )
+        good = storescu(port, *study_files[:3], extra=modality_tls(pki))
         assert good.returncode == 0, good.stdout + good.stderr
         assert statuses(good) == [0, 0, 0]
 
