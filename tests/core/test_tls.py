@@ -112,11 +112,7 @@ def test_tls_with_client_certificates(pki: Path, tmp_path: Path, study_files: li
         with session_scope(archive.session_factory, readonly=True) as session:
             assert session.scalar(select(func.count(Instance.id))) == 3
         # the server is still up after the refused handshakes
-        again = storescu(
-            port,
-            study_files[5],
-            extra=("+tls", str(pki / "modality.key"), str(pki / "modality.pem"), "+cf", str(pki / "ca.pem")),
-        )
+        again = storescu(port, study_files[5], extra=modality_tls(pki))
         assert statuses(again) == [0]
     finally:
         server.shutdown()
