@@ -7,10 +7,12 @@ distinct studies, the images split evenly among them).
   forwarder, web app; triage off, so no Prefect server competes for the CPUs); fsync of
   every file and of its folder before Success. Twice: ``radtriage`` with ``[dicom]
   workers = "auto"`` (one receiver process per core) and ``radtriage-w1`` with one
-  process. Its CPU seconds per image (server and receiver processes, user + system,
-  while the senders run) are printed too.
+  process.
 * Orthanc (Debian package): ``SyncStorageArea`` on (fsync), no compression, no plugins.
 * storescp: ``+B`` (bytes written as received); it never fsyncs: the upper bound.
+
+Each server's CPU seconds per image (its process and its children, user + system, while
+the senders run; radtriage's server and receiver processes) are printed beside its rate.
 
 Runs are interleaved (radtriage, Orthanc, storescp, radtriage, ...), each on fresh
 storage. Orthanc 1.10 cannot bind to loopback only, so when run as root the whole
@@ -36,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,6 +171,10 @@ TARGETS: dict[str, tuple[str, Callable[[Path, int], subprocess.Popen[bytes]], Ca
 }
 
 
+def _start_workers(storage: Path, port: int, *, workers: int) -> subprocess.Popen[bytes]:
+    return start_radtriage(storage, port, workers=workers)
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` and its children so far (Linux /proc)."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -188,7 +195,7 @@ def tree_cpu_seconds(pid: int) -> float:
 @dataclass
 class RunResult:
     images_per_second: float
-    cpu_per_image: float | None  # radtriage only
+    cpu_per_image: float | None  # the server's process tree, user + system
 
 
 def one_run(name: str, folders: list[Path], n: int, workdir: Path) -> RunResult:
@@ -216,8 +223,7 @@ def one_run(name: str, folders: list[Path], n: int, workdir: Path) -> RunResult:
         ]
         failed = [(s.wait(), s.stderr.read() if s.stderr else "") for s in senders]
         elapsed = time.perf_counter() - t0
-        if TARGETS[name][0] == "RADTRIAGE":
-            cpu = (tree_cpu_seconds(proc.pid) - cpu0) / n
+        cpu = (tree_cpu_seconds(proc.pid) - cpu0) / n
         bad = [err for code, err in failed if code != 0]
         if bad:
             raise RuntimeError(f"storescu to {name} failed: {bad[0][-400:]}")
@@ -248,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=320, help="512x512 CT slices per run, in all (default 320)")
     parser.add_argument("--senders", type=int, default=1, help="storescu associations at once, one study each")
     parser.add_argument("--runs", type=int, default=3, help="runs per target, interleaved (default 3)")
-    parser.add_argument("--targets", default="radtriage,radtriage-w1,orthanc,storescp")
+    parser.add_argument(
+        "--targets",
+        default="radtriage,radtriage-w1,orthanc,storescp",
+        help="comma-separated; radtriage-w<N> runs N receiver processes",
+    )
     parser.add_argument("--no-netns", action="store_true", help="do not enter a private network namespace")
     parser.add_argument(
         "--baseline",
@@ -267,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         if "baseline" not in args.targets:
             args.targets = f"baseline,{args.targets}"
     targets = args.targets.split(",")
+    for name in targets:  # radtriage-w<N>: N receiver processes
+        if name.startswith("radtriage-w") and name[len("radtriage-w") :].isdigit() and name not in TARGETS:
+            TARGETS[name] = (
+                "RADTRIAGE",
+                partial(_start_workers, workers=int(name[len("radtriage-w") :])),
+                TARGETS["radtriage"][2],
+            )
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown or args.senders < 1:
         parser.error(f"unknown target(s) {', '.join(unknown)}" if unknown else "--senders must be at least 1")
@@ -299,12 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         cpus = [r.cpu_per_image for r in results[name] if r.cpu_per_image is not None]
         cpu = f"  {statistics.median(cpus) * 1000:6.2f} ms CPU/image" if cpus else ""
         print(f"  {name:<13} {rate:8.1f} images/s{cpu}")
-    for mine in ("radtriage", "radtriage-w1", "baseline"):
+    ours = [name for name in med if name.startswith("radtriage")]
+    for mine in [*ours, "baseline"]:
         for other in ("orthanc", "storescp"):
             if mine in med and other in med:
                 print(f"{mine}/{other} = {med[mine] / med[other]:.2f}")
-    for mine in ("radtriage", "radtriage-w1"):
-        if mine in med and "baseline" in med:  # the change itself, within the same runs
+    for mine in ours:
+        if "baseline" in med:  # the change itself, within the same runs
             print(f"{mine}/baseline = {med[mine] / med['baseline']:.2f}")
     return 0
 

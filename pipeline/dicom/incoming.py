@@ -118,10 +118,17 @@ def lean_p_data(assoc: Any) -> bool:
     return True
 
 
-def store_request_fields(command: bytes) -> dict[str, str | int] | None:
+_C_STORE_RQ = 0x0001
+_NO_DATA_SET = 0x0101
+
+
+def store_request_fields(command: bytes, *, checked: bool = False) -> dict[str, str | int] | None:
     """The primitive parameters of a C-STORE-RQ command set (Implicit VR Little Endian),
-    as pydicom would read them; ``None`` for anything but the plain elements above."""
+    as pydicom would read them; ``None`` for anything but the plain elements above.
+    ``checked``: also ``None`` unless the Command Field says C-STORE-RQ and a data set
+    follows (for a command not yet known to be one)."""
     fields: dict[str, str | int] = {}
+    kinds: dict[int, int] = {}
     offset, end, previous = 0, len(command), -1
     while offset < end:
         if offset + 8 > end:
@@ -139,6 +146,7 @@ def store_request_fields(command: bytes) -> dict[str, str | int] | None:
             if length != 2:
                 return None
             value: str | int = _US.unpack(raw)[0]
+            kinds[element] = int(value)
         elif vr == "UI":
             if b"\\" in raw or not raw.isascii():
                 return None
@@ -148,6 +156,8 @@ def store_request_fields(command: bytes) -> dict[str, str | int] | None:
         if name is not None:
             fields[name] = value
     if "AffectedSOPClassUID" not in fields or "AffectedSOPInstanceUID" not in fields:
+        return None
+    if checked and (kinds.get(0x0100) != _C_STORE_RQ or kinds.get(0x0800, _NO_DATA_SET) == _NO_DATA_SET):
         return None
     return fields
 

@@ -1,4 +1,6 @@
-"""Read a response on a pynetdicom association in the thread that sent the request.
+"""Read a response on a pynetdicom association in the thread that sent the request
+(and, for :mod:`pipeline.dicom.storescp`, the next request in the thread that answered
+the last).
 
 pynetdicom reads every PDU in the association's DUL thread, decodes it through its state
 machine and DIMSE layer, and hands the message to the waiting thread through a queue.
@@ -33,6 +35,7 @@ import select
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -163,17 +166,20 @@ class Lease:
         self.sock = sock
         self.ended = False
 
-    def read_pdu(self, timeout: float | None) -> bytearray | None:
+    def read_pdu(
+        self, timeout: float | None, *, poll: float = _POLL_SECONDS, give_up: Callable[[], bool] | None = None
+    ) -> bytearray | None:
         """The next whole PDU; ``None`` when the association or the connection is gone
-        (then the DUL has Evt17 to act on); :class:`TimeoutError` when none began
+        (then the DUL has Evt17 to act on), or when ``give_up()`` (asked every ``poll``
+        seconds while none comes) says so; :class:`TimeoutError` when none began
         within ``timeout`` seconds (the DIMSE timeout)."""
         sock, dul = self.sock, self.assoc.dul
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             raw = sock.socket
-            if raw is None or dul.state_machine.current_state != "Sta6":
+            if raw is None or dul.state_machine.current_state != "Sta6" or (give_up is not None and give_up()):
                 return None
-            wait = _POLL_SECONDS if deadline is None else min(_POLL_SECONDS, deadline - time.monotonic())
+            wait = poll if deadline is None else min(poll, deadline - time.monotonic())
             if wait <= 0:
                 raise TimeoutError(f"no response within the DIMSE timeout ({timeout} s)")
             try:

@@ -14,7 +14,9 @@ cannot be made for take the ordinary path. A connection closed in the middle of 
 dataset removes its spool (:func:`drop_unfinished`).
 
 The same handler also makes the association decode incoming P-DATA and C-STORE
-requests the lean way (:mod:`pipeline.dicom.incoming`).
+requests the lean way (:mod:`pipeline.dicom.incoming`). All this is for the C-STOREs
+pynetdicom reads: on a plain association the first; the association's own thread reads
+those that follow (:mod:`pipeline.dicom.storescp`), spooling them the same way.
 """
 
 from __future__ import annotations

@@ -42,9 +42,11 @@ unless its logger is at DEBUG (:func:`quiet_pdu_summaries`), and
 requestor that proposes every storage SOP class (dcmtk getscu).
 
 This module, :mod:`pipeline.dicom.fastsend` (the sending side),
-:mod:`pipeline.dicom.lease` (responses read by the sender) and
-:mod:`pipeline.dicom.subops` (a retrieve's sub-operations) are the only code that
-touches pynetdicom's internals. It was written
+:mod:`pipeline.dicom.lease` (a socket read by the thread that needs the PDU),
+:mod:`pipeline.dicom.subops` (a retrieve's sub-operations), :mod:`pipeline.dicom.incoming`
+and :mod:`pipeline.dicom.spooling` (received messages) and :mod:`pipeline.dicom.storescp`
+(C-STOREs read by the association's thread) are the only code that touches pynetdicom's
+internals. It was written
 against pynetdicom 3.0.4 (pinned exactly in pyproject.toml); with any other layout it
 leaves the association untouched and says so with a WARNING (once per process and
 tuning), so an upgrade that makes it ineffective is seen in the log, and
