@@ -7,10 +7,13 @@ receives the dataset's bytes as each PDU brings them and asks the kernel to star
 writing back every :data:`WRITEBACK_BYTES` (``sync_file_range(SYNC_FILE_RANGE_WRITE)``,
 which does not wait), so by the last PDU most of the file is on its way to the disk.
 The fsync itself still comes after the last byte and before the rename: the durable
-path (:mod:`pipeline.archive.store`) is unchanged. It starts as soon as the last byte is
-written (:meth:`Spool.flush_ahead`, called by the receiver when the message is complete,
-before the C-STORE handler even runs), in the archive's writer pool, so it overlaps
-everything the handler does before it needs the file.
+path (:mod:`pipeline.archive.store`) is unchanged. For a C-STORE that pynetdicom read, it
+starts as soon as the last byte is written (:meth:`Spool.flush_ahead`, called by the
+receiver when the message is complete, before the C-STORE handler even runs), in the
+archive's writer pool, so it overlaps everything the handler does before it needs the
+file. The C-STOREs an association's own thread reads (:mod:`pipeline.dicom.storescp`)
+are synced by that thread after the header is parsed: there, handing the fdatasync to
+the pool and waiting for it cost more CPU and time than the overlap saved.
 
 A spool that cannot write (disk full, ...) gives up quietly and the store falls back to
 writing the bytes it holds in memory, which reports the error the usual way. A spool

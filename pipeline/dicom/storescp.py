@@ -258,8 +258,6 @@ class InlineStores:
         finally:
             if not complete and spool is not None:
                 spool.discard()
-        if spool is not None:
-            spool.flush_ahead()  # its fdatasync runs while the header is parsed
         self._answer(primitive, context.context_id, transfer_syntax, b"".join(parts), spool)
         self.assoc.__dict__[INLINE_COUNT] = self.assoc.__dict__.get(INLINE_COUNT, 0) + 1
         return True
