@@ -16,8 +16,8 @@ generic work this module does the lean way, with the same outcome for pynetdicom
   converting every element of the decoded command set through pydicom. Here the command
   set's few elements (PS3.7 9.3.1.1) are read from its Implicit VR Little Endian bytes and
   set through the primitive's own setters, which validate as before. A command set with
-  anything else (a Move Originator, a value pydicom would read as several, a non-ASCII
-  UID) is built pynetdicom's way.
+  anything else (a value pydicom would read as several, a non-ASCII UID or AE title, an
+  element not in PS3.7 9.3.1.1) is built pynetdicom's way.
 
 Both were written against pynetdicom 3.0.4 like :mod:`pipeline.dicom.tuning`, and leave
 the association untouched (with a WARNING) when its layout differs.
@@ -56,6 +56,8 @@ _STORE_RQ: dict[int, tuple[str | None, str]] = {
     0x0700: ("Priority", "US"),
     0x0800: (None, "US"),
     0x1000: ("AffectedSOPInstanceUID", "UI"),
+    0x1030: ("MoveOriginatorApplicationEntityTitle", "AE"),  # a C-MOVE's sub-operation
+    0x1031: ("MoveOriginatorMessageID", "US"),
 }
 
 
@@ -147,10 +149,10 @@ def store_request_fields(command: bytes, *, checked: bool = False) -> dict[str, 
                 return None
             value: str | int = _US.unpack(raw)[0]
             kinds[element] = int(value)
-        elif vr == "UI":
+        elif vr in ("UI", "AE"):
             if b"\\" in raw or not raw.isascii():
                 return None
-            value = raw.decode("ascii").rstrip("\0 ")
+            value = raw.decode("ascii").rstrip("\0 ") if vr == "UI" else raw.decode("ascii").strip(" ")
         else:
             continue
         if name is not None:

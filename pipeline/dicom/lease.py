@@ -149,6 +149,17 @@ def _unreserved(assoc: Any, original: Any) -> None:
     original()
 
 
+def reserve(assoc: Any, seconds: float = RESERVE_SECONDS) -> bool:
+    """Keep the DUL off ``assoc``'s socket for ``seconds`` (until a lease ends or
+    :func:`unreserve`), so that a lease taken meanwhile reads what comes next; ``True``
+    if done (a leasable socket)."""
+    sock = getattr(getattr(assoc, "dul", None), "socket", None)
+    if not isinstance(sock, _LeasableSocket):
+        return False
+    sock._reserved_until = time.monotonic() + seconds
+    return True
+
+
 def unreserve(assoc: Any) -> None:
     """No more leases follow for now: the DUL reads ``assoc``'s socket again at once.
     Call it when the sub-operations end on an association that goes on (C-GET)."""

@@ -11,7 +11,8 @@ message to the association's thread through a queue: two threads and ~0.3 ms of 
 per image, and with several associations per process every hand-over is a wait for the
 GIL. :func:`read_stores_inline` (an EVT_CONN_OPEN handler) lets the association's thread,
 once it has answered a C-STORE, read the requests that follow itself, under a
-:class:`pipeline.dicom.lease.Lease` on the socket:
+:class:`pipeline.dicom.lease.Lease` on the socket (:func:`handle_store` keeps the DUL off
+the socket from its response on, so the next request is this thread's to read):
 
 * a P-DATA-TF PDU that opens with a whole C-STORE-RQ command set (the plain elements of
   PS3.7 9.3.1.1, read by :func:`pipeline.dicom.incoming.store_request_fields` and set
@@ -143,7 +144,7 @@ def handle_store(event: evt.Event, archive: Archive, dicom: DicomSettings | None
     # The response (and every later one) as one prebuilt PDU written by this thread:
     # no pydicom encoding and no hand-over to the DUL thread, ~0.6 ms less per image.
     send_fast(event.assoc)
-    return store_received(
+    status = store_received(
         archive,
         dicom,
         event.assoc.requestor.ae_title,
@@ -155,6 +156,17 @@ def handle_store(event: evt.Event, archive: Archive, dicom: DicomSettings | None
         sop_instance_uid=str(request.AffectedSOPInstanceUID),
         spool=spool_of(request.DataSet),  # written while it arrived (pipeline.dicom.spooling)
     )
+    if sends_fast(event.assoc) and not _watched(event.assoc):
+        # The next request is for this thread (read_stores_inline), not the DUL: the
+        # peer may send it the moment the response is out, before this thread is back.
+        lease.reserve(event.assoc)
+    return status
+
+
+def _watched(assoc: Any) -> bool:
+    """Whether anything but :func:`handle_store` would see what pynetdicom decodes."""
+    handler = assoc.get_handlers(evt.EVT_C_STORE)  # an intervention event: one (handler, args)
+    return any(assoc.get_handlers(event) for event in _WATCHED) or handler[0] is not handle_store
 
 
 def read_stores_inline(event: evt.Event, archive: Archive, dicom: DicomSettings | None = None) -> None:
@@ -191,10 +203,11 @@ class InlineStores:
         """Serve requests until one is not a plain C-STORE, or the association ends."""
         held = lease.take(self.assoc)
         if held is None:
+            lease.unreserve(self.assoc)  # handle_store's reservation: the DUL reads again
             return
         try:
             first = True
-            while not held.ended and not self._watched() and self._serve_one(held, first):
+            while not held.ended and not _watched(self.assoc) and self._serve_one(held, first):
                 first = False
         finally:
             held.end(reserve=False)
@@ -215,12 +228,6 @@ class InlineStores:
             except TimeoutError:
                 pass
         return held.read_pdu(None, give_up=self._queued)
-
-    def _watched(self) -> bool:
-        """Whether anything but :func:`handle_store` would see what pynetdicom decodes."""
-        assoc = self.assoc
-        handler = assoc.get_handlers(evt.EVT_C_STORE)  # an intervention event: one (handler, args)
-        return any(assoc.get_handlers(event) for event in _WATCHED) or handler[0] is not handle_store
 
     def _serve_one(self, held: lease.Lease, first: bool) -> bool:
         """Read, store and answer one C-STORE; ``False`` when the thread is to go back to

@@ -109,10 +109,10 @@ def test_a_complete_datasets_fsync_has_begun_when_its_handler_runs(receiver: Rec
     assert seen == [True, False]
 
 
-@pytest.mark.parametrize("originator", [None, ("MOVESCU", 12)])
+@pytest.mark.parametrize("originator", [None, ("MOVESCU", 12), ("A", 65535), (" PAD ME ", 1)])
 def test_the_lean_c_store_request_is_the_primitive_pynetdicom_builds(originator: tuple[str, int] | None) -> None:
-    """Every parameter a handler reads is what pynetdicom's own decoding gives; a request
-    with a Move Originator is left to pynetdicom."""
+    """Every parameter a handler reads is what pynetdicom's own decoding gives, with or
+    without a Move Originator (a C-MOVE's sub-operation)."""
     from io import BytesIO
 
     from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
@@ -151,6 +151,7 @@ def test_the_lean_c_store_request_is_the_primitive_pynetdicom_builds(originator:
     ]
     assert [getattr(ours, n) for n in names] == [getattr(theirs, n) for n in names]
     assert ours.DataSet.getvalue() == theirs.DataSet.getvalue()
-    lean = store_request_fields(message.encoded_command_set.getvalue())
-    assert (lean is None) == (originator is not None)
+    lean = store_request_fields(message.encoded_command_set.getvalue(), checked=True)
+    assert lean is not None
+    assert lean == {n: getattr(theirs, n) for n in names if n in lean}
     assert store_request_uids(message) == (request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)

@@ -214,3 +214,18 @@ def test_a_request_broken_off_inside_its_data_set_leaves_nothing(
         assert again.send_c_store(slices[1]).Status == 0
     finally:
         again.release()
+
+
+def test_a_c_moves_sub_operations_are_read_by_the_association_thread(
+    receiver: Receiver, slices: list[pydicom.Dataset]
+) -> None:
+    """C-STOREs that name a Move Originator (another PACS moving a study here) take the
+    same path as a modality's."""
+    assoc = _association(receiver, slices[0].SOPClassUID)
+    try:
+        for i, ds in enumerate(slices[:4]):
+            assert assoc.send_c_store(ds, originator_aet="OTHERPACS", originator_id=40 + i).Status == 0
+        assert _server_side(receiver).__dict__.get(INLINE_COUNT, 0) == 3
+    finally:
+        assoc.release()
+    assert all(_stored(receiver, ds.SOPInstanceUID) for ds in slices[:4])
