@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -169,3 +170,15 @@ def send_file_as_is(
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
         assoc.release()
+
+
+def pdv_item(context_id: int, control: int, fragment: bytes) -> bytes:
+    """One presentation data value item (PS3.8 9.3.5.1): its message control header
+    ``control`` (0x01 command, 0x02 last fragment) and ``fragment``."""
+    return struct.pack(">LBB", len(fragment) + 2, context_id, control) + fragment
+
+
+def p_data_pdu(*items: bytes) -> bytes:
+    """A P-DATA-TF PDU of these items, as raw bytes for a socket."""
+    body = b"".join(items)
+    return struct.pack(">BBL", 0x04, 0, len(body)) + body

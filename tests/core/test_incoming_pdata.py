@@ -17,22 +17,13 @@ from pipeline.archive.store import encode_dataset
 from pipeline.dicom.incoming import decode_p_data, presentation_data_values
 from pipeline.dicom.wire import store_request
 from pipeline.lab.synth import synth_study
-from tests.core.conftest import HOST, Receiver, statuses, storescu
+from tests.core.conftest import HOST, Receiver, p_data_pdu, pdv_item, statuses, storescu
 
 pytestmark = pytest.mark.slow  # a receiver on loopback
 
 
-def _item(context_id: int, control: int, fragment: bytes) -> bytes:
-    return struct.pack(">LBB", len(fragment) + 2, context_id, control) + fragment
-
-
-def _pdu(*items: bytes) -> bytes:
-    body = b"".join(items)
-    return struct.pack(">BBL", 0x04, 0, len(body)) + body
-
-
 def test_each_presentation_data_value_is_a_view_of_its_bytes() -> None:
-    pdu = bytearray(_pdu(_item(1, 0x03, b"cmd!"), _item(3, 0x00, b"data" * 3), _item(3, 0x02, b"")))
+    pdu = bytearray(p_data_pdu(pdv_item(1, 0x03, b"cmd!"), pdv_item(3, 0x00, b"data" * 3), pdv_item(3, 0x02, b"")))
     values = presentation_data_values(pdu)
     assert values is not None
     assert [(cx, bytes(v)) for cx, v in values] == [(1, b"\x03cmd!"), (3, b"\x00" + b"data" * 3), (3, b"\x02")]
@@ -42,12 +33,12 @@ def test_each_presentation_data_value_is_a_view_of_its_bytes() -> None:
 @pytest.mark.parametrize(
     "pdu",
     [
-        _pdu(),  # no item at all
-        _pdu(_item(1, 0x02, b"abcd"))[:-1],  # the PDU ends before its length says
-        _pdu(_item(1, 0x02, b"abcd")) + b"\x00",  # ... or after
-        _pdu(struct.pack(">LB", 1, 1) + b"\x02"),  # an item too short for its control header
-        _pdu(struct.pack(">LBB", 99, 1, 2) + b"abcd"),  # an item running past the PDU's end
-        _pdu(_item(1, 0x02, b"ab"), b"\x00\x00"),  # half an item header at the end
+        p_data_pdu(),  # no item at all
+        p_data_pdu(pdv_item(1, 0x02, b"abcd"))[:-1],  # the PDU ends before its length says
+        p_data_pdu(pdv_item(1, 0x02, b"abcd")) + b"\x00",  # ... or after
+        p_data_pdu(struct.pack(">LB", 1, 1) + b"\x02"),  # an item too short for its control header
+        p_data_pdu(struct.pack(">LBB", 99, 1, 2) + b"abcd"),  # an item running past the PDU's end
+        p_data_pdu(pdv_item(1, 0x02, b"ab"), b"\x00\x00"),  # half an item header at the end
     ],
 )
 def test_a_pdu_that_does_not_parse_exactly_goes_pynetdicoms_way(pdu: bytes) -> None:
@@ -71,9 +62,9 @@ def test_fragments_packed_several_to_a_pdu_are_stored_byte_for_byte(receiver: Re
         command = store_request(7, 2, ds.SOPClassUID, ds.SOPInstanceUID, None, None)
         cuts = [0, 1, 4097, 40000, 40001, 77777, len(dataset)]
         fragments = [dataset[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
-        items = [_item(cx, 0x03, command)]
-        items += [_item(cx, 0x02 if i == len(fragments) - 1 else 0x00, f) for i, f in enumerate(fragments)]
-        pdus = [_pdu(*items[:3]), _pdu(*items[3:5]), _pdu(*items[5:])]
+        items = [pdv_item(cx, 0x03, command)]
+        items += [pdv_item(cx, 0x02 if i == len(fragments) - 1 else 0x00, f) for i, f in enumerate(fragments)]
+        pdus = [p_data_pdu(*items[:3]), p_data_pdu(*items[3:5]), p_data_pdu(*items[5:])]
         assoc._reactor_checkpoint.clear()  # as send_c_store does: our thread takes the response
         while not assoc._is_paused:
             time.sleep(0.001)

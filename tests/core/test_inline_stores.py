@@ -5,7 +5,6 @@ sends on the association, and nothing left behind when a request breaks off."""
 from __future__ import annotations
 
 import logging
-import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -20,18 +19,9 @@ from pipeline.archive.store import NotInArchiveError, encode_dataset
 from pipeline.dicom.storescp import INLINE_COUNT
 from pipeline.dicom.wire import store_request
 from pipeline.lab.synth import synth_study
-from tests.core.conftest import HOST, Receiver, statuses, storescu
+from tests.core.conftest import HOST, Receiver, p_data_pdu, pdv_item, statuses, storescu
 
 pytestmark = pytest.mark.slow  # a receiver on loopback
-
-
-def _item(context_id: int, control: int, fragment: bytes) -> bytes:
-    return struct.pack(">LBB", len(fragment) + 2, context_id, control) + fragment
-
-
-def _pdu(*items: bytes) -> bytes:
-    body = b"".join(items)
-    return struct.pack(">BBL", 0x04, 0, len(body)) + body
 
 
 _A_ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
@@ -129,7 +119,7 @@ def _store_raw(assoc: Any, msg_id: int, sop_class: str, sop_instance: str, datas
     """One C-STORE of ``dataset`` as these bytes, in one PDU; the response."""
     cx = _context(assoc, sop_class)
     command = store_request(msg_id, 0, sop_class, sop_instance, None, None)
-    _send_raw(assoc, _pdu(_item(cx, 0x03, command), _item(cx, 0x02, dataset)))
+    _send_raw(assoc, p_data_pdu(pdv_item(cx, 0x03, command), pdv_item(cx, 0x02, dataset)))
     _, response = assoc.dimse.get_msg(block=True)
     assoc._reactor_checkpoint.set()
     assert response is not None, "no C-STORE response"
@@ -183,7 +173,7 @@ def test_a_request_broken_off_inside_its_data_set_leaves_nothing(
     assert assoc.send_c_store(slices[0]).Status == 0
     server_side = _server_side(receiver)
     _wait_until_inline(server_side)
-    _send_raw(assoc, _pdu(_item(cx, 0x03, command), _item(cx, 0x00, half)))
+    _send_raw(assoc, p_data_pdu(pdv_item(cx, 0x03, command), pdv_item(cx, 0x00, half)))
     deadline = time.monotonic() + 5
     while not _incoming(receiver):  # the spool of the request being received
         assert time.monotonic() < deadline, "no spool file for the request"
@@ -194,7 +184,7 @@ def test_a_request_broken_off_inside_its_data_set_leaves_nothing(
         elif how == "connection closed":
             assoc.dul.socket.socket.close()
         else:
-            assoc.dul.socket.socket.sendall(_pdu(_item(cx, 0x03, command)))
+            assoc.dul.socket.socket.sendall(p_data_pdu(pdv_item(cx, 0x03, command)))
         deadline = time.monotonic() + 10
         while receiver.server.active_associations or _incoming(receiver):
             assert time.monotonic() < deadline, "the association or its spool outlived the broken request"
