@@ -160,19 +160,10 @@ def count_files(folder: Path, suffix: str = "") -> int:
 
 TARGETS: dict[str, tuple[str, Callable[[Path, int], subprocess.Popen[bytes]], Callable[[Path], int]]] = {
     "radtriage": ("RADTRIAGE", start_radtriage, lambda s: count_files(s / "data" / "files", ".dcm")),
-    "radtriage-w1": (
-        "RADTRIAGE",
-        lambda storage, port: start_radtriage(storage, port, workers=1),
-        lambda s: count_files(s / "data" / "files", ".dcm"),
-    ),
     # Orthanc: its files are named by 36-character ids; the SQLite index lies beside them.
     "orthanc": ("ORTHANC", start_orthanc, lambda s: sum(1 for p in (s / "db").rglob("*") if len(p.name) == 36)),
     "storescp": ("STORESCP", start_storescp, lambda s: count_files(s / "out")),
 }
-
-
-def _start_workers(storage: Path, port: int, *, workers: int) -> subprocess.Popen[bytes]:
-    return start_radtriage(storage, port, workers=workers)
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -281,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if name.startswith("radtriage-w") and name[len("radtriage-w") :].isdigit() and name not in TARGETS:
             TARGETS[name] = (
                 "RADTRIAGE",
-                partial(_start_workers, workers=int(name[len("radtriage-w") :])),
+                partial(start_radtriage, workers=int(name[len("radtriage-w") :])),
                 TARGETS["radtriage"][2],
             )
     unknown = sorted(set(targets) - set(TARGETS))

@@ -239,11 +239,10 @@ class Archive:
             spool.discard()
             spool = None
         staged: Callable[[], tuple[Path, int]]
-        if spool is not None and spool.flushing:  # its fdatasync runs already: wait for it here
-            staged = partial(self._finish_spool, spool)
-        elif spool is not None:
-            # Synced by this thread after the parse: handing a spool's fdatasync to the
-            # pool and waiting for it cost more than the overlap saved (1 and 4 senders).
+        if spool is not None:
+            # Finished by this thread after the parse: it waits for an fdatasync already
+            # running (Spool.flush_ahead), or syncs the file itself; handing it to the pool
+            # and waiting cost more than the overlap saved (1 and 4 senders).
             staged = partial(self._finish_spool, spool)
         else:
             staged = self._writer.submit(self._write_temp, (meta, encoded)).result

@@ -197,6 +197,8 @@ class InlineStores:
         self.archive = archive
         self.dicom = dicom
         self.calling = assoc.requestor.ae_title
+        # Rights do not change during an association; without it pynetdicom's path answers 0x0124.
+        self.may_store = dicom is None or may(dicom, self.calling, "store")
         self._storage: dict[str, bool] = {}  # abstract syntax: a Storage Service Class SOP Class
 
     def run(self) -> None:
@@ -272,8 +274,8 @@ class InlineStores:
     def _request(self, pdu: bytearray) -> tuple[C_STORE, Any, list[memoryview], bool] | None:
         """The C-STORE-RQ that ``pdu`` opens, its accepted context, the dataset fragments
         in the same PDU and whether the last came; ``None``: pynetdicom's to handle."""
-        values = presentation_data_values(pdu) if pdu[0] == _P_DATA_TF else None
-        if not values:
+        values = presentation_data_values(pdu)  # None for any other PDU type
+        if not values or not self.may_store:
             return None
         cx_id, command = values[0]
         if command[0] != _COMMAND | _LAST:
@@ -284,18 +286,16 @@ class InlineStores:
             return None
         if not self._is_storage(str(context.abstract_syntax)):
             return None
-        if self.dicom is not None and not may(self.dicom, self.calling, "store"):
-            return None  # pynetdicom's path answers 0x0124
         primitive = C_STORE()
         try:
             for name, value in fields.items():
                 setattr(primitive, name, value)  # pynetdicom's own checks of each value
         except (ValueError, TypeError):
             return None
-        data = values[1:]
-        if not _well_formed(data, cx_id):
+        data = _data_set_fragments(values[1:], cx_id)
+        if data is None:
             return None
-        return primitive, context, [value[1:] for _, value in data], bool(data and data[-1][1][0] & _LAST)
+        return primitive, context, *data
 
     def _is_storage(self, abstract_syntax: str) -> bool:
         known = self._storage.get(abstract_syntax)
@@ -315,7 +315,8 @@ class InlineStores:
             held.hand_back(pdu)  # an A-ABORT, ...: pynetdicom acts on it as it would have
             return None
         values = presentation_data_values(pdu)
-        if values is None or not _well_formed(values, cx_id):
+        data = None if values is None else _data_set_fragments(values, cx_id)
+        if data is None:
             log.warning(
                 "association from %s aborted: a P-DATA-TF inside a C-STORE data set is malformed "
                 "or carries another message (PS3.8 9.3.5)",
@@ -324,7 +325,7 @@ class InlineStores:
             held.end(reserve=False)
             self.assoc.abort()
             return None
-        return [value[1:] for _, value in values], bool(values[-1][1][0] & _LAST)
+        return data
 
     def _answer(self, request: C_STORE, cx_id: int, transfer_syntax: str, encoded: bytes, spool: Spool | None) -> None:
         try:
@@ -351,10 +352,11 @@ class InlineStores:
         self.assoc.dimse.send_msg(StorageServiceClass(self.assoc).validate_status(status, rsp), cx_id)
 
 
-def _well_formed(values: list[tuple[int, memoryview]], cx_id: int) -> bool:
-    """Whether ``values`` continue one data set on context ``cx_id``: data set fragments
-    only, none after the last."""
+def _data_set_fragments(values: list[tuple[int, memoryview]], cx_id: int) -> tuple[list[memoryview], bool] | None:
+    """The data set fragments ``values`` carry (control headers off) and whether the last
+    came; ``None`` unless they continue one data set on context ``cx_id`` (data set
+    fragments only, none after the last)."""
     for i, (value_cx, value) in enumerate(values):
         if value_cx != cx_id or value[0] & _COMMAND or (value[0] & _LAST and i != len(values) - 1):
-            return False
-    return True
+            return None
+    return [value[1:] for _, value in values], bool(values and values[-1][1][0] & _LAST)
