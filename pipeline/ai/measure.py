@@ -43,14 +43,8 @@ def hu_gate(mask: np.ndarray, volume: Volume, min_hu: float | None, max_hu: floa
     if (min_hu is None and max_hu is None) or not mask.any():
         return mask
     (box,) = ndi.find_objects(mask.astype(np.uint8))
-    hu = smoothed_hu(volume, box)
-    keep = np.ones(hu.shape, dtype=bool)
-    if min_hu is not None:
-        keep &= hu >= min_hu
-    if max_hu is not None:
-        keep &= hu < max_hu
     out = mask.copy()
-    out[box] &= keep
+    out[box] &= _hu_inside(smoothed_hu(volume, box), min_hu, max_hu)
     return out
 
 
@@ -108,6 +102,55 @@ def drop_along_bone(mask: np.ndarray, volume: Volume, bone_hu: float, min_distan
     return keep[labels]
 
 
+def grow(
+    core: np.ndarray,
+    probability_map: np.ndarray,
+    volume: Volume,
+    spec: FindingSpec,
+    *,
+    hu: np.ndarray | None = None,
+    cavity: np.ndarray | None = None,
+) -> np.ndarray:
+    """``core`` extended over the connected voxels of probability >= ``spec.grow_threshold``
+    that pass the spec's HU gate and, with ``within_cranium``, lie inside the cranial cavity
+    (hysteresis thresholding: a component is only ever extended, never started, by them).
+
+    ``hu`` (:func:`smoothed_hu` of the whole volume) and ``cavity`` (its cranial cavity) may
+    be given when already computed; otherwise only the regions that touch ``core`` are gated.
+    """
+    if spec.grow_threshold is None or not core.any():
+        return core
+    candidate = probability_map >= spec.grow_threshold
+    if hu is None or (spec.within_cranium and cavity is None):
+        # The gates only remove voxels: the gated regions touching the core lie inside the
+        # ungated ones that do, so only those need gating.
+        labels, _ = components(candidate | core)
+        candidate = np.isin(labels, _touching(labels, core))
+        gated = hu_gate(candidate, volume, spec.min_hu, spec.max_hu)
+        if spec.within_cranium:
+            gated = within_cranium(gated, volume, spec.bone_hu)
+    else:
+        gated = candidate & _hu_inside(hu, spec.min_hu, spec.max_hu)
+        if spec.within_cranium:
+            gated &= cavity
+    labels, _ = components(gated | core)
+    return np.isin(labels, _touching(labels, core))
+
+
+def _touching(labels: np.ndarray, core: np.ndarray) -> np.ndarray:
+    found = np.unique(labels[core])
+    return found[found > 0]
+
+
+def _hu_inside(hu: np.ndarray, min_hu: float | None, max_hu: float | None) -> np.ndarray:
+    keep = np.ones(hu.shape, dtype=bool)
+    if min_hu is not None:
+        keep &= hu >= min_hu
+    if max_hu is not None:
+        keep &= hu < max_hu
+    return keep
+
+
 def max_diameter_mm(mask: np.ndarray, volume: Volume) -> float:
     """Largest distance (mm) between two voxel centres of the largest component.
 
@@ -141,8 +184,10 @@ def make_finding(probability_map: np.ndarray, volume: Volume, spec: FindingSpec)
     The mask is ``probability >= voxel_threshold`` inside the HU gate (``min_hu``,
     ``max_hu``) and, with ``within_cranium``, inside the cranial cavity, without components smaller than
     ``min_component_ml`` and, when ``min_bone_distance_mm`` is set, without those lying
-    wholly along bone. The finding is present when the mask holds at least
-    ``min_volume_ml`` (and anything at all); its priority comes from the spec's rules.
+    wholly along bone; with ``grow_threshold``, what is kept is then extended over connected
+    voxels down to that probability inside the same gates (:func:`grow`). The finding is
+    present when the mask holds at least ``min_volume_ml`` (and anything at all); its
+    priority comes from the spec's rules.
 
     ``probability`` is the study-level probability the decision was taken on: with a
     ``study_probability`` calibration, the calibrated function of the volume (0.5
@@ -160,6 +205,7 @@ def make_finding(probability_map: np.ndarray, volume: Volume, spec: FindingSpec)
         mask = within_cranium(mask, volume, spec.bone_hu)
     mask = remove_small(mask, int(np.ceil(spec.min_component_ml / voxel_ml)))
     mask = drop_along_bone(mask, volume, spec.bone_hu, spec.min_bone_distance_mm)
+    mask = grow(mask, probability_map, volume, spec)
     volume_ml = float(mask.sum() * voxel_ml)
     present = bool(mask.any()) and volume_ml >= spec.min_volume_ml
     if spec.study_probability is not None:

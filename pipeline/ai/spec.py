@@ -177,6 +177,10 @@ class FindingSpec(_Strict):
     # True: voxels outside the cranial cavity (pipeline.ai.cranium) are never part of the
     # finding: for intracranial findings, where scalp and temporalis muscle look like blood.
     within_cranium: bool = False
+    # Hysteresis: each kept component is extended over the connected voxels of probability
+    # >= grow_threshold that pass the same HU and cavity gates (a network's 0.5 contour lies
+    # inside a bleed's visible edge, so the volume comes out short). None: no growing.
+    grow_threshold: float | None = Field(None, gt=0, lt=1)
     study_probability: StudyProbability | None = None  # None: the highest voxel probability
     priority: list[PriorityRule] = Field(default_factory=list)
     absent_priority: Priority = Priority.ROUTINE
@@ -185,6 +189,11 @@ class FindingSpec(_Strict):
     def _calibrated_needs_a_threshold(self) -> "FindingSpec":
         if self.min_hu is not None and self.max_hu is not None and self.min_hu >= self.max_hu:
             raise ValueError(f"min_hu {self.min_hu} must be below max_hu {self.max_hu}")
+        if self.grow_threshold is not None and self.grow_threshold > self.voxel_threshold:
+            raise ValueError(
+                f"grow_threshold {self.grow_threshold} must not exceed voxel_threshold {self.voxel_threshold}: "
+                "growing extends a component over less probable voxels"
+            )
         if self.study_probability is not None and self.min_volume_ml <= 0:
             raise ValueError("study_probability crosses 0.5 at min_volume_ml: set min_volume_ml above 0")
         return self

@@ -13,13 +13,16 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from pipeline.ai.registry import RegisteredModel
 from pipeline.ai.spec import FindingSpec
 from pipeline.lab.phantom.generator import case_volume
+
+if TYPE_CHECKING:
+    from pipeline.ai.volume import Volume
 
 
 class Case(Protocol):
@@ -186,6 +189,7 @@ def evaluate_model(
 COMPONENT_CANDIDATES_ML = (0.05, 0.1, 0.2, 0.3, 0.5)
 BONE_DISTANCE_CANDIDATES_MM = (0.0, 2.0, 3.0, 4.0)
 MIN_HU_CANDIDATES = (None, 35.0, 40.0, 45.0)
+GROW_CANDIDATES = (0.4, 0.3, 0.2, 0.1)  # hysteresis: besides not growing at all
 MAX_HU = 300.0  # bone: never blood
 OFFSET_ML = 0.1
 
@@ -202,6 +206,7 @@ class Calibration:
     min_bone_distance_mm: float = 0.0
     min_hu: float | None = None
     max_hu: float | None = None
+    grow_threshold: float | None = None
     slope: float | None = None  # of the study probability, see pipeline.ai.spec.StudyProbability
     volume_relative_error_median: float | None = None  # validation bleeds of 2 ml and more
     truth_ml: list[float] = field(default_factory=list)
@@ -225,6 +230,7 @@ class Calibration:
             "bone_hu": MAX_HU,
             "min_hu": self.min_hu,
             "max_hu": self.max_hu,
+            "grow_threshold": self.grow_threshold,
         }
         if self.slope is not None:
             fields["study_probability"] = {
@@ -281,41 +287,91 @@ def fit_slope(volumes: list[tuple[bool, float]], threshold_ml: float, offset_ml:
 
 
 @dataclass
+class Growth:
+    """The components of one HU-gate candidate grown to one probability (:func:`pipeline.ai.measure.grow`).
+
+    Growing is hysteresis, so the grown mask of any set of components is the union of
+    the regions (connected components of the gated low-probability mask) they lie in.
+    """
+
+    region: list[int]  # per component: the index of its region
+    regions: list[tuple[float, float]]  # (ml, ml on truth)
+
+    def volume_ml(self, kept: Iterable[int]) -> float:
+        return sum(self.regions[r][0] for r in {self.region[i] for i in kept})
+
+
+@dataclass
 class ValidationStudy:
     """One validation study as :func:`choose_rule` needs it: the truth and, per HU-gate
-    candidate, each component found (its ml, farthest distance from bone, ml on the truth)."""
+    candidate, each component found (its ml, farthest distance from bone, ml on the truth)
+    and, per HU-gate and growing candidate, how the components grow."""
 
     truth: bool
     truth_ml: float
     components: dict[float | None, list[tuple[float, float, float]]]  # min_hu -> (ml, bone mm, ml on truth)
+    grown: dict[tuple[float | None, float], Growth] = field(default_factory=dict)  # (min_hu, grow_threshold)
+
+    def volume_ml(self, min_hu: float | None, component_ml: float, bone_mm: float, grow: float | None) -> float:
+        """What the rule leaves: components of at least ``component_ml`` reaching ``bone_mm``
+        from bone, grown to ``grow`` (None: not grown)."""
+        found = self.components[min_hu]
+        kept = [i for i, (ml, far, _) in enumerate(found) if ml >= component_ml and far >= bone_mm]
+        if grow is None or not kept:
+            return sum(found[i][0] for i in kept)
+        return self.grown[(min_hu, grow)].volume_ml(kept)
 
 
 def _measure(
     model: RegisteredModel, recipes: Iterable[Recipe], spec: FindingSpec, device: str
 ) -> list[ValidationStudy]:
-    from pipeline.ai.cranium import within_cranium
     from pipeline.ai.inference import load_model, predict
-    from pipeline.ai.measure import bone_distances_mm, components, smoothed_hu
 
     loaded = load_model(model, device)
-    cap = max(BONE_DISTANCE_CANDIDATES_MM)
     out = []
     for item in recipes:
         case = item.make()
         volume = case_volume(case, seed=item.seed)  # type: ignore[arg-type]
-        raw = predict(loaded, volume)[spec.channel] >= spec.voxel_threshold
-        if spec.within_cranium:
-            raw = within_cranium(raw, volume, spec.bone_hu)
-        found: dict[float | None, list[tuple[float, float, float]]] = {}
-        hu = smoothed_hu(volume)  # once per study: the gate of pipeline.ai.measure.hu_gate
-        for min_hu in MIN_HU_CANDIDATES:
-            labels, count = components(raw & (hu < MAX_HU) & (hu >= (-np.inf if min_hu is None else min_hu)))
-            sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:] * volume.voxel_volume_ml
-            on_truth = np.bincount(labels[case.label].ravel(), minlength=count + 1)[1:] * volume.voxel_volume_ml
-            far = bone_distances_mm(labels, count, volume, MAX_HU, cap)
-            found[min_hu] = [(float(a), float(b), float(c)) for a, b, c in zip(sizes, far, on_truth, strict=True)]
-        out.append(ValidationStudy(bool(case.label.any()), case.volume_ml, found))
+        out.append(measure_study(predict(loaded, volume)[spec.channel], volume, case.label, spec))
     return out
+
+
+def measure_study(probability: np.ndarray, volume: "Volume", truth: np.ndarray, spec: FindingSpec) -> ValidationStudy:
+    """One validation study's components under every rule candidate (see :func:`choose_rule`)."""
+    from pipeline.ai.cranium import cranial_cavity
+    from pipeline.ai.measure import bone_distances_mm, components, smoothed_hu
+
+    cap = max(BONE_DISTANCE_CANDIDATES_MM)
+    lowest = min((spec.voxel_threshold, *GROW_CANDIDATES))
+    cavity = np.ones(volume.shape, dtype=bool)
+    if spec.within_cranium:  # once per study, on every slice a candidate can reach
+        cavity = cranial_cavity(volume, spec.bone_hu, np.flatnonzero((probability >= lowest).any(axis=(1, 2))))
+    hu = smoothed_hu(volume)  # once per study: the gate of pipeline.ai.measure.hu_gate
+    raw = (probability >= spec.voxel_threshold) & cavity
+    voxel_ml = volume.voxel_volume_ml
+    found: dict[float | None, list[tuple[float, float, float]]] = {}
+    grown: dict[tuple[float | None, float], Growth] = {}
+    for min_hu in MIN_HU_CANDIDATES:
+        gate = (hu < MAX_HU) & (hu >= (-np.inf if min_hu is None else min_hu))
+        labels, count = components(raw & gate)
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:] * voxel_ml
+        on_truth = np.bincount(labels[truth].ravel(), minlength=count + 1)[1:] * voxel_ml
+        far = bone_distances_mm(labels, count, volume, MAX_HU, cap)
+        found[min_hu] = [(float(a), float(b), float(c)) for a, b, c in zip(sizes, far, on_truth, strict=True)]
+        if count == 0:
+            continue
+        inside = np.flatnonzero(labels.ravel())
+        first = inside[np.unique(labels.ravel()[inside], return_index=True)[1]]  # one voxel of each
+        for grow in GROW_CANDIDATES:
+            regions, n = components((probability >= grow) & gate & cavity)
+            ml = np.bincount(regions.ravel(), minlength=n + 1) * voxel_ml
+            hit = np.bincount(regions[truth].ravel(), minlength=n + 1) * voxel_ml
+            grown[(min_hu, grow)] = Growth(
+                region=[int(r) for r in regions.ravel()[first]],
+                regions=[(float(a), float(b)) for a, b in zip(ml, hit, strict=True)],
+            )
+    truth_ml = float(truth.sum() * voxel_ml)
+    return ValidationStudy(bool(truth.any()), truth_ml, found, grown)
 
 
 def calibrate_min_volume(
@@ -332,17 +388,19 @@ def calibrate_min_volume(
 
     Candidates: the HU gate's lower end (``min_hu``; bone, >= 300 HU, is always out),
     the speck size ``min_component_ml``, the bone distance under which a component is
-    a partial-volume sliver (``min_bone_distance_mm``) and the volume threshold
-    ``min_volume_ml``. The highest Youden index (sensitivity + specificity - 1) wins;
-    among ties, the smallest median relative volume error on validation bleeds of 2 ml
-    and more, then the volume threshold with the widest gap to the nearest study on
-    either side (it sits in the geometric middle of that gap), so that the rule does not
-    hinge on one validation study. The gap's lower edge is never below the candidate's
+    a partial-volume sliver (``min_bone_distance_mm``), the probability down to which
+    kept components are grown (``grow_threshold``, :data:`GROW_CANDIDATES` or none) and
+    the volume threshold ``min_volume_ml``. The highest Youden index (sensitivity +
+    specificity - 1) wins; among ties, the smallest median relative volume error on
+    validation bleeds of 2 ml and more, then the volume threshold with the widest gap to
+    the nearest study on either side (it sits in the geometric middle of that gap), so
+    that the rule does not hinge on one validation study, then the shorter bone distance
+    and the less growing. The gap's lower edge is never below the candidate's
     ``min_component_ml`` (or ``floor_ml``): a study's volume is 0 or at least one
-    component, so when every validation normal measures 0 ml the threshold is set by
-    the rule itself, not by an arbitrary floor. The slope of the study probability is then fitted
-    (:func:`fit_slope`). Use seeds that neither training nor the final evaluation uses;
-    never the independent test source.
+    component, so when every validation normal measures 0 ml the threshold is set by the
+    rule itself, not by an arbitrary floor. The slope of the study probability is then
+    fitted (:func:`fit_slope`). Use seeds that neither training nor the final evaluation
+    uses; never the independent test source.
 
     ``min_bleed_ml``: validation bleeds smaller than this take no part in choosing the
     rule or fitting the slope (a goal stated for bleeds of 2 ml and more should not let
@@ -356,6 +414,11 @@ def calibrate_min_volume(
     )
 
 
+def _found(study: ValidationStudy) -> list[float | None]:
+    """The HU-gate candidates under which ``study`` has components (only those can grow)."""
+    return [m for m, found in study.components.items() if found]
+
+
 def choose_rule(
     studies: list[ValidationStudy],
     *,
@@ -365,33 +428,35 @@ def choose_rule(
 ) -> Calibration:
     """The choice of :func:`calibrate_min_volume` on studies already measured."""
 
+    growing = [None, *(g for g in GROW_CANDIDATES if all((m, g) in st.grown for st in studies for m in _found(st)))]
+
     def volumes(
-        min_hu: float | None, component: float, bone: float, everyone: bool = False
+        min_hu: float | None, component: float, bone: float, grow: float | None, everyone: bool = False
     ) -> list[tuple[bool, float, float]]:
-        rows = []
-        for st in studies:
-            if st.truth and st.truth_ml < min_bleed_ml and not everyone:
-                continue
-            kept = [(ml, hit) for ml, far, hit in st.components[min_hu] if ml >= component and far >= bone]
-            rows.append((st.truth, sum(ml for ml, _ in kept), st.truth_ml))
-        return rows
+        return [
+            (st.truth, st.volume_ml(min_hu, component, bone, grow), st.truth_ml)
+            for st in studies
+            if everyone or not st.truth or st.truth_ml >= min_bleed_ml
+        ]
 
     choices = []
     for min_hu in MIN_HU_CANDIDATES:
         for component in sorted(component_candidates_ml):
             for bone in BONE_DISTANCE_CANDIDATES_MM:
-                rows = volumes(min_hu, component, bone)
-                youden, margin, threshold = _best_threshold([(t, v) for t, v, _ in rows], max(floor_ml, component))
-                errors = [abs(v - ml) / ml for t, v, ml in rows if t and ml >= 2.0]
-                error = round(float(np.median(errors)), 2) if errors else 0.0
-                choices.append((youden, -error, margin, -bone, threshold, component, min_hu))
-    youden, error, _, bone, threshold, component, min_hu = max(choices, key=lambda c: c[:4])
-    rows = volumes(min_hu, component, -bone)
+                for rank, grow in enumerate(growing):
+                    rows = volumes(min_hu, component, bone, grow)
+                    floor = max(floor_ml, component)
+                    youden, margin, threshold = _best_threshold([(t, v) for t, v, _ in rows], floor)
+                    errors = [abs(v - ml) / ml for t, v, ml in rows if t and ml >= 2.0]
+                    error = round(float(np.median(errors)), 2) if errors else 0.0
+                    choices.append((youden, -error, margin, -bone, -rank, threshold, component, min_hu, grow))
+    youden, error, _, bone, _, threshold, component, min_hu, grow = max(choices, key=lambda c: c[:5])
+    rows = volumes(min_hu, component, -bone, grow)
     chosen = [(t, v) for t, v, _ in rows]
     threshold = round(threshold, 2)
     sensitivity, specificity = _rates(chosen, threshold)
     slope = fit_slope(chosen, threshold)
-    rows = volumes(min_hu, component, -bone, everyone=True)
+    rows = volumes(min_hu, component, -bone, grow, everyone=True)
     return Calibration(
         min_volume_ml=threshold,
         min_component_ml=component,
@@ -401,6 +466,7 @@ def choose_rule(
         min_bone_distance_mm=-bone,
         min_hu=min_hu,
         max_hu=MAX_HU,
+        grow_threshold=grow,
         slope=slope,
         volume_relative_error_median=-error,
         truth_ml=[ml for _, _, ml in rows],

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.ai.findings import Priority
-from pipeline.ai.measure import make_finding, max_diameter_mm
+from pipeline.ai.measure import make_finding, max_diameter_mm, smoothed_hu
 from pipeline.ai.spec import FindingSpec
 from pipeline.ai.volume import Volume
 
@@ -153,3 +153,63 @@ def test_air_fat_and_bone_are_never_blood() -> None:
     assert finding.present
     assert not finding.mask[:, 25:, 42:].any() and not finding.mask[:, :18, :].any()
     assert finding.mask[:, 25:, 5:35].all()
+
+
+def _bleed_with_a_faint_rim() -> tuple[Volume, np.ndarray]:
+    """A 70 HU ball whose core the network is sure of (p 0.9) and whose outer 2 mm it is
+    not (p 0.3); beside it, unconnected, a 0.3 blob and a rim that runs into bone."""
+    volume = _volume((30, 80, 80), (2.0, 1.0, 1.0))
+    volume.array[:] = 35.0
+    ball = _ball(volume, 12.0, (30.0, 40.0, 30.0))
+    volume.array[ball] = 70.0
+    core = _ball(volume, 10.0, (30.0, 40.0, 30.0))
+    probability = np.where(core, 0.9, np.where(ball, 0.3, 0.02)).astype(np.float32)
+    probability[20:26, 5:15, 60:70] = 0.3  # nothing above 0.5 here: never a finding of its own
+    volume.array[20:26, 5:15, 60:70] = 70.0
+    volume.array[:, :, 42:44] = 1500.0  # bone next to the ball, where p is 0.3 as well
+    probability[:, 25:55, 42:44] = 0.3
+    return volume, probability
+
+
+def test_growing_extends_a_kept_component_over_its_less_probable_rim_and_starts_nothing() -> None:
+    volume, probability = _bleed_with_a_faint_rim()
+    spec = SPEC.model_copy(update={"min_hu": 45.0, "max_hu": 300.0, "min_component_ml": 0.0})
+
+    core = make_finding(probability, volume, spec)
+    grown = make_finding(probability, volume, spec.model_copy(update={"grow_threshold": 0.25}))
+
+    hu = smoothed_hu(volume)  # the gate's HU
+    ball = _ball(volume, 12.0, (30.0, 40.0, 30.0)) & (hu >= 45.0) & (hu < 300.0)
+    rim = ball & (probability == np.float32(0.3))
+    assert rim.sum() > 0.3 * ball.sum()
+    assert not core.mask[rim].any()
+    np.testing.assert_array_equal(grown.mask, ball)
+    assert not grown.mask[20:26, 5:15, 60:70].any()  # an unconnected 0.3 blob does not start a finding
+    assert not grown.mask[:, :, 42:44].any()  # the HU gate holds for what is grown
+    assert grown.volume_ml == pytest.approx(ball.sum() * volume.voxel_volume_ml)
+    assert grown.volume_ml > core.volume_ml * 1.3
+
+
+def test_the_calibration_measures_what_inference_finds() -> None:
+    """The validation bookkeeping of every candidate rule is the volume make_finding reports."""
+    from pipeline.lab.evaluate import measure_study
+
+    volume, probability = _bleed_with_a_faint_rim()
+    speck = np.zeros(volume.shape, bool)
+    speck[2:4, 70:73, 5:8] = True  # 0.036 ml of p 0.9 at 70 HU: kept or not by min_component_ml
+    probability[speck], volume.array[speck] = 0.9, 70.0
+    truth = _ball(volume, 12.0, (30.0, 40.0, 30.0))
+    study = measure_study(probability, volume, truth, SPEC)
+
+    for min_hu in (None, 45.0):
+        for component in (0.0, 0.05):
+            for grow in (None, 0.4, 0.2):
+                spec = SPEC.model_copy(
+                    update={"min_hu": min_hu, "max_hu": 300.0, "min_component_ml": component, "grow_threshold": grow}
+                )
+                found = make_finding(probability, volume, spec)
+                assert study.volume_ml(min_hu, component, 0.0, grow) == pytest.approx(found.volume_ml), (
+                    min_hu,
+                    component,
+                    grow,
+                )
