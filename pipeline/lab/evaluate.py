@@ -338,6 +338,8 @@ def _measure(
 
 def measure_study(probability: np.ndarray, volume: "Volume", truth: np.ndarray, spec: FindingSpec) -> ValidationStudy:
     """One validation study's components under every rule candidate (see :func:`choose_rule`)."""
+    from scipy import ndimage as ndi
+
     from pipeline.ai.cranium import cranial_cavity
     from pipeline.ai.measure import bone_distances_mm, components, smoothed_hu
 
@@ -351,6 +353,7 @@ def measure_study(probability: np.ndarray, volume: "Volume", truth: np.ndarray, 
     voxel_ml = volume.voxel_volume_ml
     found: dict[float | None, list[tuple[float, float, float]]] = {}
     grown: dict[tuple[float | None, float], Growth] = {}
+    reach: tuple[slice, ...] | None = None
     for min_hu in MIN_HU_CANDIDATES:
         gate = (hu < MAX_HU) & (hu >= (-np.inf if min_hu is None else min_hu))
         labels, count = components(raw & gate)
@@ -360,12 +363,18 @@ def measure_study(probability: np.ndarray, volume: "Volume", truth: np.ndarray, 
         found[min_hu] = [(float(a), float(b), float(c)) for a, b, c in zip(sizes, far, on_truth, strict=True)]
         if count == 0:
             continue
-        inside = np.flatnonzero(labels.ravel())
-        first = inside[np.unique(labels.ravel()[inside], return_index=True)[1]]  # one voxel of each
+        # Every grown region lies inside a component of the lowest candidate's mask that
+        # holds a core: label within that box only.
+        if reach is None:
+            low, _ = components((probability >= lowest) & cavity)
+            (reach,) = ndi.find_objects(np.isin(low, np.unique(low[raw])).astype(np.uint8))
+        cores = labels[reach]
+        inside = np.flatnonzero(cores.ravel())
+        first = inside[np.unique(cores.ravel()[inside], return_index=True)[1]]  # one voxel of each
         for grow in GROW_CANDIDATES:
-            regions, n = components((probability >= grow) & gate & cavity)
+            regions, n = components((probability[reach] >= grow) & gate[reach] & cavity[reach])
             ml = np.bincount(regions.ravel(), minlength=n + 1) * voxel_ml
-            hit = np.bincount(regions[truth].ravel(), minlength=n + 1) * voxel_ml
+            hit = np.bincount(regions[truth[reach]].ravel(), minlength=n + 1) * voxel_ml
             grown[(min_hu, grow)] = Growth(
                 region=[int(r) for r in regions.ravel()[first]],
                 regions=[(float(a), float(b)) for a, b in zip(ml, hit, strict=True)],
