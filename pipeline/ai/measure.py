@@ -184,10 +184,12 @@ def make_finding(probability_map: np.ndarray, volume: Volume, spec: FindingSpec)
     The mask is ``probability >= voxel_threshold`` inside the HU gate (``min_hu``,
     ``max_hu``) and, with ``within_cranium``, inside the cranial cavity, without components smaller than
     ``min_component_ml`` and, when ``min_bone_distance_mm`` is set, without those lying
-    wholly along bone; with ``grow_threshold``, what is kept is then extended over connected
-    voxels down to that probability inside the same gates (:func:`grow`). The finding is
-    present when the mask holds at least ``min_volume_ml`` (and anything at all); its
-    priority comes from the spec's rules.
+    wholly along bone. The finding is present when that mask holds at least
+    ``min_volume_ml`` (and anything at all). A present finding's mask is then, with
+    ``grow_threshold``, extended over connected voxels down to that probability inside
+    the same gates (:func:`grow`): its volume, diameter and priority are measured on the
+    grown mask, while the decision and the probability are taken on the detected one, so
+    growing never turns specks on a normal head into a finding.
 
     ``probability`` is the study-level probability the decision was taken on: with a
     ``study_probability`` calibration, the calibrated function of the volume (0.5
@@ -205,16 +207,18 @@ def make_finding(probability_map: np.ndarray, volume: Volume, spec: FindingSpec)
         mask = within_cranium(mask, volume, spec.bone_hu)
     mask = remove_small(mask, int(np.ceil(spec.min_component_ml / voxel_ml)))
     mask = drop_along_bone(mask, volume, spec.bone_hu, spec.min_bone_distance_mm)
-    mask = grow(mask, probability_map, volume, spec)
-    volume_ml = float(mask.sum() * voxel_ml)
-    present = bool(mask.any()) and volume_ml >= spec.min_volume_ml
+    detected_ml = float(mask.sum() * voxel_ml)
+    present = bool(mask.any()) and detected_ml >= spec.min_volume_ml
     if spec.study_probability is not None:
-        probability = spec.study_probability.probability(volume_ml if mask.any() else 0.0, spec.min_volume_ml)
+        probability = spec.study_probability.probability(detected_ml if mask.any() else 0.0, spec.min_volume_ml)
     elif present:
         probability = float(probability_map[mask].max())
     else:
         rest = probability_map[~raw]
         probability = float(rest.max()) if rest.size else 0.0
+    if present:  # measured to the visible edge; growing never decides
+        mask = grow(mask, probability_map, volume, spec)
+    volume_ml = float(mask.sum() * voxel_ml)
     diameter = max_diameter_mm(mask, volume) if present else 0.0
     return Finding(
         label=spec.label,

@@ -177,9 +177,11 @@ class FindingSpec(_Strict):
     # True: voxels outside the cranial cavity (pipeline.ai.cranium) are never part of the
     # finding: for intracranial findings, where scalp and temporalis muscle look like blood.
     within_cranium: bool = False
-    # Hysteresis: each kept component is extended over the connected voxels of probability
-    # >= grow_threshold that pass the same HU and cavity gates (a network's 0.5 contour lies
-    # inside a bleed's visible edge, so the volume comes out short). None: no growing.
+    # Hysteresis, for measuring: a present finding's components are extended over the
+    # connected voxels of probability >= grow_threshold that pass the same HU and cavity
+    # gates (a network's 0.5 contour lies inside a bleed's visible edge, so the volume comes
+    # out short). The decision and the study probability stay on the detected volume.
+    # None: no growing.
     grow_threshold: float | None = Field(None, gt=0, lt=1)
     study_probability: StudyProbability | None = None  # None: the highest voxel probability
     priority: list[PriorityRule] = Field(default_factory=list)

@@ -202,7 +202,7 @@ class Calibration:
     min_component_ml: float
     sensitivity: float
     specificity: float
-    studies: list[tuple[bool, float]]  # (truth present, volume found under the chosen rule)
+    studies: list[tuple[bool, float]]  # (truth present, volume detected under the chosen rule, before growing)
     min_bone_distance_mm: float = 0.0
     min_hu: float | None = None
     max_hu: float | None = None
@@ -397,14 +397,16 @@ def calibrate_min_volume(
 
     Candidates: the HU gate's lower end (``min_hu``; bone, >= 300 HU, is always out),
     the speck size ``min_component_ml``, the bone distance under which a component is
-    a partial-volume sliver (``min_bone_distance_mm``), the probability down to which
-    kept components are grown (``grow_threshold``, :data:`GROW_CANDIDATES` or none) and
-    the volume threshold ``min_volume_ml``. The highest Youden index (sensitivity +
-    specificity - 1) wins; among ties, the smallest median relative volume error on
-    validation bleeds of 2 ml and more, then the volume threshold with the widest gap to
-    the nearest study on either side (it sits in the geometric middle of that gap), so
-    that the rule does not hinge on one validation study, then the shorter bone distance
-    and the less growing. The gap's lower edge is never below the candidate's
+    a partial-volume sliver (``min_bone_distance_mm``), the volume threshold
+    ``min_volume_ml`` and the probability down to which a present finding is grown for
+    measuring (``grow_threshold``, :data:`GROW_CANDIDATES` or none). The highest Youden
+    index (sensitivity + specificity - 1) of the detected volumes wins (growing takes no
+    part in the decision); among ties, the smallest median relative error of the
+    measured (grown) volume on validation bleeds of 2 ml and more (0 ml where the
+    finding would be absent), then the volume threshold with the widest gap to the
+    nearest study on either side (it sits in the geometric middle of that gap), so that
+    the rule does not hinge on one validation study, then the shorter bone distance and
+    the less growing. The gap's lower edge is never below the candidate's
     ``min_component_ml`` (or ``floor_ml``): a study's volume is 0 or at least one
     component, so when every validation normal measures 0 ml the threshold is set by the
     rule itself, not by an arbitrary floor. The slope of the study probability is then
@@ -452,20 +454,23 @@ def choose_rule(
     for min_hu in MIN_HU_CANDIDATES:
         for component in sorted(component_candidates_ml):
             for bone in BONE_DISTANCE_CANDIDATES_MM:
-                for rank, grow in enumerate(growing):
+                detected = [(t, v) for t, v, _ in volumes(min_hu, component, bone, None)]
+                youden, margin, threshold = _best_threshold(detected, max(floor_ml, component))
+                for rank, grow in enumerate(growing):  # growing measures, it never decides
                     rows = volumes(min_hu, component, bone, grow)
-                    floor = max(floor_ml, component)
-                    youden, margin, threshold = _best_threshold([(t, v) for t, v, _ in rows], floor)
-                    errors = [abs(v - ml) / ml for t, v, ml in rows if t and ml >= 2.0]
+                    errors = [  # what inference reports: 0 ml when the detected volume is under the threshold
+                        abs((v if found >= threshold else 0.0) - ml) / ml
+                        for (t, v, ml), (_, found) in zip(rows, detected, strict=True)
+                        if t and ml >= 2.0
+                    ]
                     error = round(float(np.median(errors)), 2) if errors else 0.0
                     choices.append((youden, -error, margin, -bone, -rank, threshold, component, min_hu, grow))
     youden, error, _, bone, _, threshold, component, min_hu, grow = max(choices, key=lambda c: c[:5])
-    rows = volumes(min_hu, component, -bone, grow)
-    chosen = [(t, v) for t, v, _ in rows]
+    chosen = [(t, v) for t, v, _ in volumes(min_hu, component, -bone, None)]
     threshold = round(threshold, 2)
     sensitivity, specificity = _rates(chosen, threshold)
     slope = fit_slope(chosen, threshold)
-    rows = volumes(min_hu, component, -bone, grow, everyone=True)
+    rows = volumes(min_hu, component, -bone, None, everyone=True)
     return Calibration(
         min_volume_ml=threshold,
         min_component_ml=component,

@@ -213,3 +213,15 @@ def test_the_calibration_measures_what_inference_finds() -> None:
                     component,
                     grow,
                 )
+
+
+def test_growing_measures_a_finding_but_never_makes_one() -> None:
+    """Specks under the threshold stay absent however far their faint rims reach."""
+    volume, probability = _bleed_with_a_faint_rim()
+    probability[probability == np.float32(0.9)] = 0.3  # only a speck is sure now
+    probability[30 // 2, 40, 30] = 0.9
+    spec = SPEC.model_copy(update={"min_hu": 45.0, "max_hu": 300.0, "min_component_ml": 0.0, "grow_threshold": 0.25})
+
+    finding = make_finding(probability, volume, spec)
+
+    assert not finding.present and not finding.mask.any() and finding.volume_ml == 0.0
