@@ -308,7 +308,7 @@ def test_study_page_says_which_series_each_model_read_and_why_not_the_others(pag
         client.post("/login", data={"username": "alice", "password": PASSWORD})
         html = client.get(f"/studies/{row.StudyInstanceUID}").text
         reading = html.split('id="reading"')[1].split("</div>")[0]
-        assert "head_ct_hemorrhage 0.4.0: read series 2 Head 5mm" in reading
+        assert "head_ct_hemorrhage 0.5.0: read series 2 Head 5mm" in reading
         scout = reading.split(f'data-series="{scout_uid}"')[1].split("</li>")[0]
         assert "not read: SeriesDescription &#39;Scout&#39; matches exclude" in scout
         na = client.get(f"/studies/{paging.by_accession('PG000008').StudyInstanceUID}").text

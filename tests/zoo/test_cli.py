@@ -29,7 +29,7 @@ def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_models_lists_available_and_unavailable_with_reasons(models: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert "available    head_ct_hemorrhage 0.4.0  [CT] Intracranial hemorrhage" in out
+    assert "available    head_ct_hemorrhage 0.5.0  [CT] Intracranial hemorrhage" in out
     assert "UNAVAILABLE  half_done:" in out and "version: Value error, '0.1' is not a semantic version" in out
 
     assert main(["models", "--json", "--quick"]) == 0

@@ -47,7 +47,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, tuple[fl
 
 def test_a_second_bundle_registers_and_runs_beside_the_reference_model(models: Path, tmp_path: Path) -> None:
     registry = load_registry(models, check=check_loads)
-    assert [m.key for m in registry.available] == ["dense_bone@1.0.0", "head_ct_hemorrhage@0.4.0"]
+    assert [m.key for m in registry.available] == ["dense_bone@1.0.0", "head_ct_hemorrhage@0.5.0"]
     assert registry.unavailable == []
 
     study = tmp_path / "study"
