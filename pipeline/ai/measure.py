@@ -44,7 +44,7 @@ def hu_gate(mask: np.ndarray, volume: Volume, min_hu: float | None, max_hu: floa
         return mask
     (box,) = ndi.find_objects(mask.astype(np.uint8))
     out = mask.copy()
-    out[box] &= _hu_inside(smoothed_hu(volume, box), min_hu, max_hu)
+    out[box] &= hu_inside(smoothed_hu(volume, box), min_hu, max_hu)
     return out
 
 
@@ -102,37 +102,18 @@ def drop_along_bone(mask: np.ndarray, volume: Volume, bone_hu: float, min_distan
     return keep[labels]
 
 
-def grow(
-    core: np.ndarray,
-    probability_map: np.ndarray,
-    volume: Volume,
-    spec: FindingSpec,
-    *,
-    hu: np.ndarray | None = None,
-    cavity: np.ndarray | None = None,
-) -> np.ndarray:
+def grow(core: np.ndarray, probability_map: np.ndarray, volume: Volume, spec: FindingSpec) -> np.ndarray:
     """``core`` extended over the connected voxels of probability >= ``spec.grow_threshold``
     that pass the spec's HU gate and, with ``within_cranium``, lie inside the cranial cavity
-    (hysteresis thresholding: a component is only ever extended, never started, by them).
-
-    ``hu`` (:func:`smoothed_hu` of the whole volume) and ``cavity`` (its cranial cavity) may
-    be given when already computed; otherwise only the regions that touch ``core`` are gated.
-    """
+    (hysteresis thresholding: a component is only ever extended, never started, by them)."""
     if spec.grow_threshold is None or not core.any():
         return core
-    candidate = probability_map >= spec.grow_threshold
-    if hu is None or (spec.within_cranium and cavity is None):
-        # The gates only remove voxels: the gated regions touching the core lie inside the
-        # ungated ones that do, so only those need gating.
-        labels, _ = components(candidate | core)
-        candidate = np.isin(labels, _touching(labels, core))
-        gated = hu_gate(candidate, volume, spec.min_hu, spec.max_hu)
-        if spec.within_cranium:
-            gated = within_cranium(gated, volume, spec.bone_hu)
-    else:
-        gated = candidate & _hu_inside(hu, spec.min_hu, spec.max_hu)
-        if spec.within_cranium:
-            gated &= cavity
+    # The gates only remove voxels: the gated regions touching the core lie inside the
+    # ungated ones that do, so only those need gating.
+    labels, _ = components((probability_map >= spec.grow_threshold) | core)
+    gated = hu_gate(np.isin(labels, _touching(labels, core)), volume, spec.min_hu, spec.max_hu)
+    if spec.within_cranium:
+        gated = within_cranium(gated, volume, spec.bone_hu)
     labels, _ = components(gated | core)
     return np.isin(labels, _touching(labels, core))
 
@@ -142,7 +123,8 @@ def _touching(labels: np.ndarray, core: np.ndarray) -> np.ndarray:
     return found[found > 0]
 
 
-def _hu_inside(hu: np.ndarray, min_hu: float | None, max_hu: float | None) -> np.ndarray:
+def hu_inside(hu: np.ndarray, min_hu: float | None, max_hu: float | None) -> np.ndarray:
+    """Where ``hu`` lies in ``[min_hu, max_hu)`` (an open end when None)."""
     keep = np.ones(hu.shape, dtype=bool)
     if min_hu is not None:
         keep &= hu >= min_hu

@@ -295,10 +295,10 @@ class Growth:
     """
 
     region: list[int]  # per component: the index of its region
-    regions: list[tuple[float, float]]  # (ml, ml on truth)
+    regions_ml: list[float]  # per region index (0: outside every region)
 
     def volume_ml(self, kept: Iterable[int]) -> float:
-        return sum(self.regions[r][0] for r in {self.region[i] for i in kept})
+        return sum(self.regions_ml[r] for r in {self.region[i] for i in kept})
 
 
 @dataclass
@@ -341,7 +341,7 @@ def measure_study(probability: np.ndarray, volume: "Volume", truth: np.ndarray, 
     from scipy import ndimage as ndi
 
     from pipeline.ai.cranium import cranial_cavity
-    from pipeline.ai.measure import bone_distances_mm, components, smoothed_hu
+    from pipeline.ai.measure import bone_distances_mm, components, hu_inside, smoothed_hu
 
     cap = max(BONE_DISTANCE_CANDIDATES_MM)
     lowest = min((spec.voxel_threshold, *GROW_CANDIDATES))
@@ -355,7 +355,7 @@ def measure_study(probability: np.ndarray, volume: "Volume", truth: np.ndarray, 
     grown: dict[tuple[float | None, float], Growth] = {}
     reach: tuple[slice, ...] | None = None
     for min_hu in MIN_HU_CANDIDATES:
-        gate = (hu < MAX_HU) & (hu >= (-np.inf if min_hu is None else min_hu))
+        gate = hu_inside(hu, min_hu, MAX_HU)
         labels, count = components(raw & gate)
         sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:] * voxel_ml
         on_truth = np.bincount(labels[truth].ravel(), minlength=count + 1)[1:] * voxel_ml
@@ -374,11 +374,7 @@ def measure_study(probability: np.ndarray, volume: "Volume", truth: np.ndarray, 
         for grow in GROW_CANDIDATES:
             regions, n = components((probability[reach] >= grow) & gate[reach] & cavity[reach])
             ml = np.bincount(regions.ravel(), minlength=n + 1) * voxel_ml
-            hit = np.bincount(regions[truth[reach]].ravel(), minlength=n + 1) * voxel_ml
-            grown[(min_hu, grow)] = Growth(
-                region=[int(r) for r in regions.ravel()[first]],
-                regions=[(float(a), float(b)) for a, b in zip(ml, hit, strict=True)],
-            )
+            grown[(min_hu, grow)] = Growth([int(r) for r in regions.ravel()[first]], [float(v) for v in ml])
     truth_ml = float(truth.sum() * voxel_ml)
     return ValidationStudy(bool(truth.any()), truth_ml, found, grown)
 

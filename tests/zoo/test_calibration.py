@@ -74,7 +74,7 @@ def test_growing_is_chosen_on_validation_only_when_it_brings_the_volumes_closer(
     studies = [ValidationStudy(False, 0.0, {m: [] for m in MIN_HU_CANDIDATES}) for _ in range(4)]  # nothing found
     for ml in (2.5, 6.0, 15.0, 40.0):
         study = _study(ml, 0.7 * ml)
-        study.grown = {(m, g): Growth([1], [(0.0, 0.0), (reach[g] * ml, ml)]) for m in MIN_HU_CANDIDATES for g in reach}
+        study.grown = {(m, g): Growth([1], [0.0, reach[g] * ml]) for m in MIN_HU_CANDIDATES for g in reach}
         studies.append(study)
     assert set(reach) == set(GROW_CANDIDATES)
 
