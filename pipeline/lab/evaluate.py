@@ -120,9 +120,13 @@ class Evaluation:
         relative = [abs(o.predicted_ml - o.truth_ml) / o.truth_ml for o in large]
         probabilities = [o.probability for o in self.outcomes]
         truth = [float(o.truth_present) for o in self.outcomes]
+        found = sum(o.predicted_present for o in big)
+        negatives = self._count(False, False) + self._count(False, True)
         return {
             "with_bleed_2ml": len(big),
-            "sensitivity_2ml": round(sum(o.predicted_present for o in big) / len(big), 3) if big else None,
+            "sensitivity_2ml": round(found / len(big), 3) if big else None,
+            "sensitivity_2ml_ci95": wilson_interval(found, len(big)),
+            "specificity_ci95": wilson_interval(self._count(False, False), negatives),
             "with_bleed_5ml": len(large),
             "volume_relative_error_median_5ml": round(float(np.median(relative)), 3) if relative else None,
             "volume_relative_error_mean_5ml": round(float(np.mean(relative)), 3) if relative else None,
@@ -137,6 +141,22 @@ class Evaluation:
 
     def to_dict(self) -> dict[str, object]:
         return {"summary": self.summary(), "studies": [asdict(o) for o in self.outcomes]}
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion (95 % with the default ``z``), rounded to 3 places.
+
+    A test set's sensitivity or specificity is an estimate: 16 of 17 normals is 0.94, and
+    17 of 17 would still not show 0.95 with any confidence. The interval says how far the
+    number can be trusted; unlike the normal approximation it stays inside [0, 1] and is
+    not empty at 0 or ``trials`` successes. None without trials.
+    """
+    if trials <= 0:
+        return None
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return (round(max(0.0, centre - half), 3), round(min(1.0, centre + half), 3))
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

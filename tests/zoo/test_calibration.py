@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from pipeline.lab.evaluate import MIN_HU_CANDIDATES, ValidationStudy, _best_threshold, _rates, choose_rule
+from pipeline.lab.evaluate import (
+    MIN_HU_CANDIDATES,
+    ValidationStudy,
+    _best_threshold,
+    _rates,
+    choose_rule,
+    wilson_interval,
+)
 
 pytestmark = pytest.mark.usefixtures("atlas")  # the real head-CT atlas the phantom is made of
 
@@ -86,3 +93,18 @@ def test_growing_is_chosen_on_validation_only_when_it_brings_the_volumes_closer(
     for study in studies:  # without growing measured, nothing is grown
         study.grown = {}
     assert choose_rule(studies).grow_threshold is None
+
+
+@pytest.mark.parametrize(
+    ("successes", "trials", "expected"),
+    [(5, 10, (0.237, 0.763)), (0, 10, (0.0, 0.278)), (17, 17, (0.816, 1.0)), (16, 17, (0.730, 0.990))],
+)
+def test_wilson_interval_matches_the_textbook_values(
+    successes: int, trials: int, expected: tuple[float, float]
+) -> None:
+    low, high = wilson_interval(successes, trials)  # type: ignore[misc]
+    assert low == pytest.approx(expected[0], abs=0.0015) and high == pytest.approx(expected[1], abs=0.0015)
+
+
+def test_wilson_interval_of_no_trials_is_none() -> None:
+    assert wilson_interval(0, 0) is None
