@@ -14,6 +14,7 @@ wins, so tests that need SQLite or an empty PostgreSQL database say so. Tests ma
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -25,7 +26,10 @@ import pytest
 from tests.peers.postgres import PostgresServer
 
 os.environ.setdefault("TCP_NODELAY", "1")
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="radtriage-prefect-"))
+if "PREFECT_HOME" not in os.environ:  # a private one, removed when the session ends
+    _PREFECT_HOME = tempfile.mkdtemp(prefix="radtriage-prefect-")
+    os.environ["PREFECT_HOME"] = _PREFECT_HOME
+    atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")

@@ -37,9 +37,12 @@ def test_every_notebook_is_covered() -> None:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs_in_smoke_mode(path: Path, tmp_path: Path) -> None:
+def test_notebook_runs_in_smoke_mode(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     weights = MODELS / "head_ct_hemorrhage" / "models" / "model.pt"
     before = (weights.stat().st_mtime_ns, sorted(p.name for p in MODELS.iterdir()))
+    scratch = tmp_path / "scratch"  # the kernel's temporary folders (smoke bundles, studies) go here, not /tmp
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
 
     notebook = execute_notebook(path, {"SMOKE": True}, output=tmp_path / path.name, timeout=300)
 
@@ -47,3 +50,4 @@ def test_notebook_runs_in_smoke_mode(path: Path, tmp_path: Path) -> None:
     for expected in EXPECTED[path.name]:
         assert expected in text, f"{path.name}: {expected!r} not in the outputs"
     assert (weights.stat().st_mtime_ns, sorted(p.name for p in MODELS.iterdir())) == before
+    assert any(scratch.iterdir()), "the notebook's temporary folders did not go to TMPDIR"
