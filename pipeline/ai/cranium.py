@@ -55,30 +55,61 @@ def _hull(bone: np.ndarray) -> np.ndarray:
     return inside.reshape(bone.shape)
 
 
+def _judge_slice(volume: Volume, z: int, bone_hu: float) -> np.ndarray | None:
+    """Slice ``z``'s cavity (bool rows x columns), or None where there is no skull to judge by."""
+    row_mm, column_mm = (float(s) for s in volume.spacing[1:])
+    pixel_mm2 = row_mm * column_mm
+    bone = volume.array[z] >= bone_hu
+    if bone.sum() * pixel_mm2 < MIN_BONE_MM2:
+        return None
+    closed = _closing(bone, CLOSING_MM, (row_mm, column_mm))
+    cavity = ndi.binary_fill_holes(closed) & ~closed
+    if cavity.sum() * pixel_mm2 >= MIN_CAVITY_MM2:
+        return (cavity | closed) & ~bone
+    return _hull(bone) & ~bone
+
+
+class CranialCavity:
+    """One volume's cavity, judged slice by slice as asked and remembered: a finding's core
+    and its grown rim (:func:`pipeline.ai.measure.grow`) lie mostly on the same slices."""
+
+    def __init__(self, volume: Volume, bone_hu: float = 300.0) -> None:
+        self.volume, self.bone_hu = volume, bone_hu
+        self._slices: dict[int, np.ndarray | None] = {}
+
+    def slice(self, z: int) -> np.ndarray | None:
+        if z not in self._slices:
+            self._slices[z] = _judge_slice(self.volume, z, self.bone_hu)
+        return self._slices[z]
+
+    def within(self, mask: np.ndarray) -> np.ndarray:
+        """``mask`` without its voxels outside the cavity."""
+        out = mask.copy()
+        for z in np.flatnonzero(mask.any(axis=(1, 2))):
+            cavity = self.slice(int(z))
+            if cavity is not None:
+                out[z] &= cavity
+        return out
+
+
 def cranial_cavity(volume: Volume, bone_hu: float = 300.0, slices: Iterable[int] | None = None) -> np.ndarray:
     """Boolean ``(slices, rows, columns)``: True inside the skull (or where it cannot tell).
 
     ``slices``: judge only these (the others stay True); default all.
     """
-    row_mm, column_mm = (float(s) for s in volume.spacing[1:])
-    pixel_mm2 = row_mm * column_mm
     out = np.ones(volume.shape, dtype=bool)
     for z in range(volume.shape[0]) if slices is None else slices:
-        bone = volume.array[z] >= bone_hu
-        if bone.sum() * pixel_mm2 < MIN_BONE_MM2:
-            continue  # no skull here to judge by
-        closed = _closing(bone, CLOSING_MM, (row_mm, column_mm))
-        cavity = ndi.binary_fill_holes(closed) & ~closed
-        if cavity.sum() * pixel_mm2 >= MIN_CAVITY_MM2:
-            out[z] = (cavity | closed) & ~bone
-        else:
-            out[z] = _hull(bone) & ~bone
+        cavity = _judge_slice(volume, z, bone_hu)
+        if cavity is not None:
+            out[z] = cavity
     return out
 
 
-def within_cranium(mask: np.ndarray, volume: Volume, bone_hu: float = 300.0) -> np.ndarray:
-    """``mask`` without its voxels outside :func:`cranial_cavity`."""
-    occupied = np.flatnonzero(mask.any(axis=(1, 2)))
-    if occupied.size == 0:
+def within_cranium(
+    mask: np.ndarray, volume: Volume, bone_hu: float = 300.0, cavity: CranialCavity | None = None
+) -> np.ndarray:
+    """``mask`` without its voxels outside :func:`cranial_cavity` (``cavity``: one already
+    judged for this volume and ``bone_hu``, whose slices are reused)."""
+    if not mask.any():
         return mask
-    return mask & cranial_cavity(volume, bone_hu, occupied.tolist())
+    return (cavity or CranialCavity(volume, bone_hu)).within(mask)

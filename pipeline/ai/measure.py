@@ -12,7 +12,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 
-from pipeline.ai.cranium import within_cranium
+from pipeline.ai.cranium import CranialCavity, within_cranium
 from pipeline.ai.findings import Finding
 from pipeline.ai.spec import FindingSpec
 from pipeline.ai.volume import Volume
@@ -102,10 +102,17 @@ def drop_along_bone(mask: np.ndarray, volume: Volume, bone_hu: float, min_distan
     return keep[labels]
 
 
-def grow(core: np.ndarray, probability_map: np.ndarray, volume: Volume, spec: FindingSpec) -> np.ndarray:
+def grow(
+    core: np.ndarray,
+    probability_map: np.ndarray,
+    volume: Volume,
+    spec: FindingSpec,
+    cavity: CranialCavity | None = None,
+) -> np.ndarray:
     """``core`` extended over the connected voxels of probability >= ``spec.grow_threshold``
     that pass the spec's HU gate and, with ``within_cranium``, lie inside the cranial cavity
-    (hysteresis thresholding: a component is only ever extended, never started, by them)."""
+    (hysteresis thresholding: a component is only ever extended, never started, by them).
+    ``cavity``: the one the core was gated by, so its slices are not judged twice."""
     if spec.grow_threshold is None or not core.any():
         return core
     # The gates only remove voxels: the gated regions touching the core lie inside the
@@ -113,7 +120,7 @@ def grow(core: np.ndarray, probability_map: np.ndarray, volume: Volume, spec: Fi
     labels, _ = components((probability_map >= spec.grow_threshold) | core)
     gated = hu_gate(np.isin(labels, _touching(labels, core)), volume, spec.min_hu, spec.max_hu)
     if spec.within_cranium:
-        gated = within_cranium(gated, volume, spec.bone_hu)
+        gated = within_cranium(gated, volume, spec.bone_hu, cavity)
     labels, _ = components(gated | core)
     return np.isin(labels, _touching(labels, core))
 
@@ -185,8 +192,9 @@ def make_finding(probability_map: np.ndarray, volume: Volume, spec: FindingSpec)
     voxel_ml = volume.voxel_volume_ml
     raw = probability_map >= spec.voxel_threshold
     mask = hu_gate(raw, volume, spec.min_hu, spec.max_hu)
-    if spec.within_cranium:
-        mask = within_cranium(mask, volume, spec.bone_hu)
+    cavity = CranialCavity(volume, spec.bone_hu) if spec.within_cranium else None
+    if cavity is not None:
+        mask = cavity.within(mask)
     mask = remove_small(mask, int(np.ceil(spec.min_component_ml / voxel_ml)))
     mask = drop_along_bone(mask, volume, spec.bone_hu, spec.min_bone_distance_mm)
     detected_ml = float(mask.sum() * voxel_ml)
@@ -199,7 +207,7 @@ def make_finding(probability_map: np.ndarray, volume: Volume, spec: FindingSpec)
         rest = probability_map[~raw]
         probability = float(rest.max()) if rest.size else 0.0
     if present:  # measured to the visible edge; growing never decides
-        mask = grow(mask, probability_map, volume, spec)
+        mask = grow(mask, probability_map, volume, spec, cavity)
     volume_ml = float(mask.sum() * voxel_ml)
     diameter = max_diameter_mm(mask, volume) if present else 0.0
     return Finding(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.ai.cranium import cranial_cavity, within_cranium
+from pipeline.ai.cranium import CranialCavity, cranial_cavity, within_cranium
 from pipeline.ai.measure import make_finding
 from pipeline.ai.spec import FindingSpec
 from pipeline.ai.volume import Volume
@@ -81,6 +81,24 @@ def test_only_the_occupied_slices_are_computed():
     cavity = cranial_cavity(head, slices=[1])
     assert cavity[0].all() and cavity[2].all()  # not judged
     assert not cavity[1].all() and cavity[1, head.shape[1] // 2, head.shape[2] // 2]
+
+
+def test_a_cavity_judges_each_slice_once_and_agrees_with_the_whole_volume_one(monkeypatch):
+    import pipeline.ai.cranium as cranium
+
+    head = _head(gap_mm=4.0)
+    whole = cranial_cavity(head)
+    judged = []
+    judge = cranium._judge_slice
+    monkeypatch.setattr(cranium, "_judge_slice", lambda v, z, b: judged.append(z) or judge(v, z, b))
+    cavity = CranialCavity(head)
+    core, rim = _blob(head, 0.0, 60.0), _blob(head, 0.0, -86.0, radius_mm=8.0)
+    rim[2] = rim[1]  # the rim reaches one more slice
+
+    assert (cavity.within(core) == core).all()
+    assert (cavity.within(rim) == (rim & whole)).all()
+    assert (within_cranium(rim, head, cavity=cavity) == cavity.within(rim)).all()
+    assert sorted(judged) == [1, 2]  # slice 0 never asked for, slices 1 and 2 judged once
 
 
 @pytest.mark.parametrize(
